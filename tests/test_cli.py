@@ -122,7 +122,7 @@ def test_eval_knn_random_init(small_folder, capsys):
     from dino_from_scratch.eval import random_backbone, knn_eval
     r = tiny_v1()
     m = random_backbone(r, 0)
-    assert m.cfg.embed_dim == 192 and len(m.blocks) == r.model.depth
+    assert m.cfg.embed_dim == r.model.embed_dim and len(m.blocks) == r.model.depth
     assert knn_eval(m, r, small_folder, k=20, progress=False)["top1"] == pytest.approx(res["top1"], abs=1e-6)
     # a different seed is a different network (so the comparison above is not vacuous)
     m1 = random_backbone(r, 1)
@@ -156,9 +156,9 @@ def test_cli_config_errors(small_folder, tmp_path):
     for valid in ("warmup_epochs", "lr", "min_lr", "weight_decay", "momentum_teacher", "clip_grad"):
         assert valid in msg
     # crop size not a multiple of the patch size: both sizes named
-    msg = exit_message("--recipe", "tiny_v1", "--out", tmp_path / "c", "--set", "data.crops.global_size=60")
+    msg = exit_message("--recipe", "tiny_v1", "--out", tmp_path / "c", "--set", "data.crops.global_size=60", "model.patch_size=8")
     assert "global_size (60)" in msg and "patch_size (8)" in msg
-    msg = exit_message("--recipe", "tiny_v1", "--out", tmp_path / "d", "--set", "data.crops.local_size=36")
+    msg = exit_message("--recipe", "tiny_v1", "--out", tmp_path / "d", "--set", "data.crops.local_size=36", "model.patch_size=8")
     assert "local_size (36)" in msg and "patch_size (8)" in msg
     # none of them started a run
     assert not any((tmp_path / d).exists() for d in "abcd")
