@@ -195,21 +195,33 @@ def evaluate_run(out, data=None, k: int = 20) -> dict:
     return res
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dino-eval", description="Evaluate frozen features: weighted k-NN or a linear probe.")
+    p = argparse.ArgumentParser(prog="dino-eval", description="Evaluate frozen features: weighted k-NN, a linear probe, or linear segmentation.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("knn", "weighted k-NN (DINO: k=20, T=0.07)"), ("linear", "linear probe on frozen features")):
-        s = sub.add_parser(name, help=help_)
+    def backbone_args(s, data_help):
         s.add_argument("--ckpt", help="run directory or checkpoint file")
         s.add_argument("--recipe", help="recipe name/yaml (with --random-init)")
         s.add_argument("--random-init", action="store_true", help="evaluate the recipe's architecture at random initialisation")
-        s.add_argument("--data", default=None, help="folder with labelled train/ and val/ (default $DINO_DATA)")
+        s.add_argument("--data", default=None, help=data_help)
         s.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    for name, help_ in (("knn", "weighted k-NN (DINO: k=20, T=0.07)"), ("linear", "linear probe on frozen features")):
+        s = sub.add_parser(name, help=help_)
+        backbone_args(s, "folder with labelled train/ and val/ (default $DINO_DATA)")
         s.add_argument("--eval-size", type=int, default=None, help="override the evaluation resolution")
         s.add_argument("--seed", type=int, default=0)
         if name == "knn":
             s.add_argument("--k", type=int, default=20); s.add_argument("--T", type=float, default=0.07)
         else:
             s.add_argument("--epochs", type=int, default=100)
+    # seg: DINOv2's linear segmentation probe (dino_from_scratch.dense, imported only when used)
+    s = sub.add_parser("seg", help="linear semantic segmentation on frozen patch tokens (DINOv2 'linear'; CamVid mIoU)")
+    backbone_args(s, "CamVid-style folder with train/, trainannot/, val/, valannot/ (default $DINO_CAMVID, else ../shared/data/camvid beside the repo)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random backbone and of the probe")
+    s.add_argument("--epochs", type=int, default=None, help="probe epochs over the cached features (default 30)")
+    s.add_argument("--size", default=None, help="input size HxW, multiples of the patch size (default a 12x16 patch grid: 192x256 for patch 16)")
+    s.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the probe (default 1e-2)")
+    s.add_argument("--loss-upsample", type=int, default=None,
+                   help="compute the loss at this many times the patch grid (default 4); 0 = the full label resolution")
+    s.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (smoke tests)")
     return p
 
 def main(argv=None):
@@ -223,9 +235,14 @@ def main(argv=None):
             if not args.ckpt: raise ValueError("give --ckpt RUN_DIR (or --recipe NAME --random-init)")
             model, recipe = load_backbone(args.ckpt, args.which)
             src = args.ckpt
-        if args.eval_size: recipe = override(recipe, [f"data.eval_size={args.eval_size}"])
+        if getattr(args, "eval_size", None): recipe = override(recipe, [f"data.eval_size={args.eval_size}"])
         if args.cmd == "knn": res = knn_eval(model, recipe, args.data, args.k, args.T, progress=False)
-        else: res = linear_eval(model, recipe, args.data, args.epochs, progress=False)
+        elif args.cmd == "linear": res = linear_eval(model, recipe, args.data, args.epochs, progress=False)
+        else:
+            from dino_from_scratch.dense import seg_eval   # here, so knn/linear do not import it
+            kw = {k: v for k, v in dict(epochs=args.epochs, size=args.size, lr=args.lr, limit=args.limit).items() if v is not None}
+            if args.loss_upsample is not None: kw["loss_upsample"] = args.loss_upsample or None
+            res = seg_eval(model, args.data, seed=args.seed, **kw)
     except (KeyError, ValueError, FileNotFoundError) as e:
         sys.exit(f"dino-eval: error: {e.args[0] if e.args else e}")
     print(json.dumps({"eval": args.cmd, "model": src, **res}))
