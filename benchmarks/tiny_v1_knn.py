@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dino_from_scratch.config import get_recipe, override
-from dino_from_scratch.train import Trainer
+from dino_from_scratch.train import make_trainer
 from dino_from_scratch.eval import knn_eval, load_backbone, random_backbone
 
 
@@ -48,7 +48,7 @@ def main():
     if not a.skip_train:
         if out.exists():
             import shutil; shutil.rmtree(out)
-        tr = Trainer(recipe, out=out)
+        tr = make_trainer(recipe, out=out)
         t0 = time.perf_counter()
         hist = tr.fit(max_minutes=a.minutes)
         t_train = time.perf_counter() - t0
