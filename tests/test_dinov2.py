@@ -43,6 +43,19 @@ def test_recipe_picks_the_v2_trainer(train_images, tmp_path):
                                    out=tmp_path / "b", dataset=_fresh(train_images), verbose=False)) is train.Trainer
 
 
+def test_koleo_without_ibot_needs_no_masks(train_images, tmp_path):
+    "KoLeo alone (iBOT off) on a ViT without a mask token: no masks drawn, no patch head built, loss = DINO + w * KoLeo."
+    from dino_from_scratch.config import tiny_v1
+    r = override(tiny_v1(), SMALL_OVERRIDES + ["loss.koleo_weight=0.1"])
+    assert r.model.mask_token is False and r.ibot.loss_weight == 0
+    t = train.make_trainer(r, out=tmp_path, dataset=_fresh(train_images), verbose=False)
+    assert isinstance(t, DINOv2Trainer) and t.student.ibot_head is None
+    assert not any(k.startswith("ibot_head") for k in t.student.state_dict())
+    h = t.fit(max_steps=2, progress=False)
+    assert all(m["n_masked"] == 0 and m["ibot_loss"] == 0 and m["koleo_loss"] != 0 for m in h)
+    assert h[-1]["loss"] == pytest.approx(h[-1]["dino_loss"] + 0.1 * h[-1]["koleo_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("centering", ["sinkhorn", "softmax"])
 def test_v2_resume_is_bit_identical(train_images, tmp_path, centering):
     r = small_v2("optim.epochs=3", f"loss.centering={centering}", f"ibot.centering={centering}")   # 6 steps
