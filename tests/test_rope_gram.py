@@ -86,3 +86,22 @@ def test_gram_refresh_rule_and_resize():
     torch.testing.assert_close(resize_patch_features(const, (8, 8), (4, 4)), torch.ones(1, 16, 3) * torch.tensor([1.0, -2.0, 0.5]))
     with pytest.raises(ValueError, match="exclusive"):
         GramConfig(remove_neg=True, remove_only_teacher_neg=True)
+
+
+@pytest.mark.parametrize("S,T,diag", [(2, 2, True), (2, 2, False), (6, 2, False), (3, 2, True)])
+def test_dinov3_pair_loss_loop_equals_vectorised(S, T, diag):
+    from dino_from_scratch.dinov3_loss import dino_pairs_loss, dino_pairs_loss_loop
+    g = torch.Generator().manual_seed(S * 7 + T)
+    s, t = torch.randn(S, 4, 9, generator=g), torch.randn(T, 4, 9, generator=g).softmax(-1)
+    assert dino_pairs_loss(s, t, ignore_diagonal=diag).item() == pytest.approx(dino_pairs_loss_loop(s, t, ignore_diagonal=diag), rel=1e-5)
+
+
+def test_dinov3_split_equals_mean_over_valid_pairs():
+    "With local weight 1, DINOv3's pair-count weighting of global and local terms is DINOv2's mean over valid pairs."
+    from dino_from_scratch.dinov3_loss import dino_pairs_loss, dino_pairs_loss_loop, dinov3_loss_scales
+    g = torch.Generator().manual_seed(3)
+    glob, loc, t = torch.randn(2, 3, 5, generator=g), torch.randn(8, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g).softmax(-1)
+    sc = dinov3_loss_scales(2, 8)
+    assert sc["dino_global"] == pytest.approx(2 / 18) and sc["koleo"] == 2
+    split = sc["dino_global"] * dino_pairs_loss(glob, t, ignore_diagonal=True) + sc["dino_local"] * dino_pairs_loss(loc, t)
+    assert split.item() == pytest.approx(dino_pairs_loss_loop(torch.cat([glob, loc]), t, ignore_diagonal=True), rel=1e-5)
