@@ -36,6 +36,9 @@ class ViTConfig:
     layerscale: float | None = None      # LayerScale init value (DINOv2/v3: 1e-5); None = no LayerScale
     num_registers: int = 0               # register tokens (Darcet et al. 2024; DINOv3 "storage tokens")
     mask_token: bool = False             # a learned [MASK] embedding for iBOT (DINOv2/v3)
+    # --- how the stored position grid is resized; only needed to match an official code exactly (chapter 14) ---
+    interpolate_offset: float = 0.0      # 0: resize to the target grid | 0.1: DINOv1 / DINOv2 `scale_factor=(n + 0.1) / g`
+    interpolate_antialias: bool = False  # antialiased bicubic (timm, DINOv2 with registers, HF Dinov2WithRegisters)
 
     def __post_init__(self):
         for f in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -53,6 +56,8 @@ class ViTConfig:
             raise ValueError(f"model.layerscale must be a positive init value or None, got {self.layerscale}")
         if int(self.num_registers) != self.num_registers or self.num_registers < 0:
             raise ValueError(f"model.num_registers must be an integer >= 0, got {self.num_registers}")
+        if not 0 <= self.interpolate_offset < 1:
+            raise ValueError(f"model.interpolate_offset must be in [0, 1) (DINOv1/v2 use 0.1), got {self.interpolate_offset}")
 
 # %% ../nbs/01_vit.ipynb #cb00e61f
 class PatchEmbed(nn.Module):
@@ -163,13 +168,16 @@ def drop_add_residual_batch_subset(x: torch.Tensor, branch, p: float) -> torch.T
     return torch.index_add(x, 0, idx, res.to(x.dtype), alpha=B / n_keep)
 
 # %% ../nbs/01_vit.ipynb #c84f2b0a
-def resize_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def resize_pos_embed(pos: torch.Tensor, h: int, w: int, offset: float = 0.0, antialias: bool = False) -> torch.Tensor:
     "A learned position embedding [1, 1 + g*g, D] (CLS first, square grid) resized bicubically to an h x w grid."
     g = math.isqrt(pos.shape[1] - 1)
     if g * g != pos.shape[1] - 1: raise ValueError(f"position embedding of {pos.shape[1] - 1} patches is not a square grid")
     if (h, w) == (g, g): return pos
     cls_pos, grid = pos[:, :1], rearrange(pos[:, 1:], "1 (h w) d -> 1 d h w", h=g)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+    # offset > 0: DINOv1/DINOv2 pass scale_factor=(n + 0.1) / g, which also moves the sampling points (chapter 14)
+    how = dict(scale_factor=((h + offset) / g, (w + offset) / g)) if offset else dict(size=(h, w))
+    grid = F.interpolate(grid.float(), mode="bicubic", align_corners=False, antialias=antialias, **how).to(pos.dtype)
+    assert grid.shape[-2:] == (h, w), f"resized grid is {tuple(grid.shape[-2:])}, expected {(h, w)}"
     return torch.cat([cls_pos, rearrange(grid, "1 d h w -> 1 (h w) d")], dim=1)
 
 class VisionTransformer(nn.Module):
@@ -223,7 +231,7 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
         "Position embedding [1, 1 + h*w, D] for a grid of h x w patches (bicubic resize of the stored grid)."
-        return resize_pos_embed(self.pos_embed, h, w)
+        return resize_pos_embed(self.pos_embed, h, w, self.cfg.interpolate_offset, self.cfg.interpolate_antialias)
 
     def prepare_tokens(self, x, masks=None):
         "Patch-embed, mask, prepend CLS, add position, insert registers: [B, C, H, W] -> [B, 1 + R + N, D]."

@@ -4,6 +4,7 @@
 #  - installs the pinned torch/torchvision FIRST (an unpinned torch resolves to a huge CUDA build;
 #    these two pinned versions lie on this machine's disk)
 #  - installs the project editable with its dev extras
+#  - installs Debian's chromium (for tests/test_widget_browser.py) when it is missing and apt-get is available
 # A second run is fast: the torch step is skipped when the pinned versions import, and the
 # editable install is skipped while .venv/.dino-setup-stamp names this checkout and is newer than
 # settings.ini, setup.py and pyproject.toml.
@@ -51,4 +52,16 @@ if [ "$stale" = 1 ]; then
     # (PYTHONWARNINGS silences setuptools' multi-line "Editable installation" notice; errors still show)
     PYTHONWARNINGS=ignore pipq -e ".[dev]" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
     printf '%s' "$PWD" > "$STAMP"
+fi
+
+# a headless browser for tests/test_widget_browser.py: Debian's chromium, driven by the pip `playwright`
+# (no `playwright install`). Best effort: without apt-get (or root / passwordless sudo) the browser test skips.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+    echo "setup: installing chromium with apt-get (for the browser widget test)" >&2
+    apt_install() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }
+    if ! apt_install && ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 && apt_install; }; then
+        echo "setup: could not install chromium; tests/test_widget_browser.py will be skipped" >&2
+    fi
 fi

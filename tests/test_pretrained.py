@@ -1,0 +1,353 @@
+"""Official checkpoints in our ViT: flavour detection, architecture inference, parity with timm and Hugging Face models
+(random weights, nothing downloaded), the DINOv1/DINOv2 hub layouts against a transcription of their forward, clear errors."""
+import argparse
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dino_from_scratch.pretrained import (FLAVOURS, as_tokens, infer_config, load_official, official_flavour,
+                                          unwrap_checkpoint)
+from dino_from_scratch.vit import ViTConfig, VisionTransformer, resize_pos_embed
+from dino_from_scratch.vit_v2 import dinov2_vit
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+from timm.layers import SwiGLUPacked  # noqa: E402
+from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
+from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2Model,  # noqa: E402
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
+
+TOL = 1e-5  # float32, features after the final LayerNorm (unit scale)
+
+
+def vit_small(patch_size=16, depth=12):
+    "A DINOv1 ViT-S (ViTConfig's defaults), `depth` blocks."
+    return VisionTransformer(ViTConfig(patch_size=patch_size, depth=depth))
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    "Redraw every parameter at a scale where each part matters (the default LayerScale 1e-5 would hide the blocks)."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "gamma" in n or "lambda" in n or ("norm" in n and n.endswith("weight")): p.copy_(1 + 0.2 * r)
+            elif any(s in n for s in ("pos", "cls", "reg", "mask")): p.copy_(r)
+            else: p.copy_(r / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1 * r)
+    return model.eval()
+
+
+def maxdiff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def ours_vs(ours, theirs_fn, hw, seed=0) -> float:
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return maxdiff(as_tokens(ours.forward_features(x)), theirs_fn(x))
+
+
+def official_forward(sd, x, heads, offset=0.1, antialias=False):
+    "Transcription of DINOv1 `vision_transformer.py` / DINOv2 `DinoVisionTransformer.forward_features` (all tokens, normed)."
+    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
+    lin = lambda t, p: F.linear(t, sd[p + ".weight"], sd.get(p + ".bias"))
+    ls = lambda t, k: t * sd[k] if k in sd else t
+    B, _, w, h = x.shape
+    p = sd["patch_embed.proj.weight"].shape[-1]
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"].expand(B, -1, -1), t], 1)
+    pos, N, dim = sd["pos_embed"], sd["pos_embed"].shape[1] - 1, t.shape[-1]
+    if not (t.shape[1] - 1 == N and w == h):
+        M, w0, h0 = int(math.sqrt(N)), w // p, h // p
+        kw = dict(scale_factor=((w0 + offset) / M, (h0 + offset) / M)) if offset else dict(size=(w0, h0))
+        pp = F.interpolate(pos[:, 1:].reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=antialias, **kw)
+        assert (w0, h0) == pp.shape[-2:]
+        pos = torch.cat([pos[:, :1], pp.permute(0, 2, 3, 1).reshape(1, -1, dim)], 1)
+    t = t + pos
+    if "register_tokens" in sd: t = torch.cat([t[:, :1], sd["register_tokens"].expand(B, -1, -1), t[:, 1:]], 1)
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        b = f"blocks.{i}."
+        q, k, v = lin(ln(t, b + "norm1"), b + "attn.qkv").reshape(B, -1, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        a = ((q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        t = t + ls(lin((a @ v).transpose(1, 2).reshape(B, -1, dim), b + "attn.proj"), b + "ls1.gamma")
+        y = ln(t, b + "norm2")
+        if b + "mlp.w12.weight" in sd:
+            x1, x2 = lin(y, b + "mlp.w12").chunk(2, dim=-1)
+            y = lin(F.silu(x1) * x2, b + "mlp.w3")
+        else:
+            y = lin(F.gelu(lin(y, b + "mlp.fc1")), b + "mlp.fc2")
+        t, i = t + ls(y, b + "ls2.gamma"), i + 1
+    return ln(t, "norm")
+
+
+# ----------------------------------------------------------------------------------------------- interpolation option
+def test_default_resize_unchanged_and_variants_match_the_official_calls():
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 16 * 16, 8)
+    grid = pos[:, 1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2)
+    flat = lambda g: torch.cat([pos[:, :1], g.permute(0, 2, 3, 1).reshape(1, -1, 8)], 1)
+    assert ViTConfig().interpolate_offset == 0.0 and ViTConfig().interpolate_antialias is False
+    plain = flat(F.interpolate(grid, size=(16, 12), mode="bicubic", align_corners=False))
+    assert torch.equal(resize_pos_embed(pos, 16, 12), plain)                       # the chapter-1 behaviour
+    aa = flat(F.interpolate(grid, size=(16, 12), mode="bicubic", antialias=True))   # timm resample_abs_pos_embed
+    assert torch.equal(resize_pos_embed(pos, 16, 12, antialias=True), aa)
+    off = flat(F.interpolate(grid, scale_factor=(16.1 / 16, 12.1 / 16), mode="bicubic"))  # DINOv1 interpolate_pos_encoding
+    assert torch.equal(resize_pos_embed(pos, 16, 12, offset=0.1), off)
+    assert maxdiff(off, plain) > 0.05 and maxdiff(aa, plain) > 0.05                # three genuinely different resizes
+    with pytest.raises(ValueError, match="interpolate_offset"):
+        ViTConfig(interpolate_offset=1.5)
+
+
+# ------------------------------------------------------------------------------------------------------------ timm
+TIMM_CASES = {
+    "vits14": ("vit_small_patch14_dinov2", 224, {}),
+    "vits14_reg4": ("vit_small_patch14_reg4_dinov2", 224, {}),
+    "small_custom": ("vit_small_patch14_dinov2", 56, dict(embed_dim=128, depth=2, num_heads=2)),
+    "small_swiglu": ("vit_giant_patch14_dinov2", 98,
+                     dict(embed_dim=128, depth=2, num_heads=2, mlp_ratio=5.375, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)),
+}
+
+
+def _timm(case):
+    name, img, kw = TIMM_CASES[case]
+    return randomize_(timm.create_model(name, pretrained=False, img_size=img, dynamic_img_size=True, **kw)), img
+
+
+@pytest.mark.parametrize("case", list(TIMM_CASES))
+def test_timm_parity(case):
+    theirs, img = _timm(case)
+    ours = load_official(theirs.state_dict())
+    assert ours.official["flavour"] == "timm_dinov2" and not ours.training
+    assert ours.cfg.norm_eps == theirs.norm.eps == theirs.blocks[0].norm1.eps == 1e-6
+    assert (ours.embed_dim, len(ours.blocks), ours.cfg.num_heads, ours.num_registers, ours.cfg.img_size) == \
+        (theirs.embed_dim, len(theirs.blocks), theirs.blocks[0].attn.num_heads, theirs.num_reg_tokens, img)
+    assert ours.cfg.ffn == ("swiglu" if case == "small_swiglu" else "mlp") and ours.mask_token is None
+    p = 14
+    for hw in [(img, img), (img, img * 3 // 4 // p * p)]:                  # training size, then e.g. 224x168 -> 16x12
+        assert ours_vs(ours, theirs.forward_features, hw) < TOL, hw
+
+
+def test_timm_wrong_resize_is_detected():
+    "The test can fail: the right weights with DINOv1's resize are far off at a non-square size, exact at the training size."
+    theirs, img = _timm("vits14_reg4")
+    wrong = load_official(theirs.state_dict(), interpolate_antialias=False, interpolate_offset=0.1)
+    assert ours_vs(wrong, theirs.forward_features, (224, 224)) < TOL
+    assert ours_vs(wrong, theirs.forward_features, (224, 168)) > 1e-3
+
+
+def test_timm_swiglu_width_we_cannot_hold():
+    theirs = timm.create_model("vit_giant_patch14_dinov2", pretrained=False, img_size=56, embed_dim=128, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="SwiGLU hidden width of 341"):   # timm's 2.66667*2 ratio only fits ViT-g's 1536
+        load_official(theirs.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+def _hf(registers=False, **kw):
+    cfg = {**dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14), **kw}
+    m = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **cfg)) if registers \
+        else Dinov2Model(Dinov2Config(**cfg))
+    return randomize_(m)
+
+
+HF_CASES = {"mlp": dict(), "swiglu": dict(use_swiglu_ffn=True, hidden_size=192, num_attention_heads=3, num_hidden_layers=3),
+            "registers": dict(registers=True), "registers_swiglu": dict(registers=True, use_swiglu_ffn=True, qkv_bias=False)}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_parity(case):
+    theirs = _hf(**HF_CASES[case])
+    ours = load_official(theirs.state_dict())
+    c = theirs.config
+    assert ours.official["flavour"] == ("hf_dinov2_reg" if "registers" in case else "hf_dinov2")
+    assert ours.cfg.norm_eps == c.layer_norm_eps == theirs.layernorm.eps == 1e-6
+    assert (ours.embed_dim, len(ours.blocks), ours.cfg.num_heads, ours.cfg.qkv_bias, ours.cfg.ffn) == \
+        (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.qkv_bias, "swiglu" if c.use_swiglu_ffn else "mlp")
+    assert ours.num_registers == (4 if "registers" in case else 0)
+    their = lambda x: theirs(pixel_values=x).last_hidden_state
+    for hw in [(112, 112), (112, 84), (70, 98)]:
+        assert ours_vs(ours, their, hw) < TOL, hw
+
+
+def test_hf_registers_wrong_resize_is_detected():
+    theirs = _hf(registers=True)
+    wrong = load_official(theirs.state_dict(), interpolate_antialias=False)   # Dinov2Model's resize on registers weights
+    their = lambda x: theirs(pixel_values=x).last_hidden_state
+    assert ours_vs(wrong, their, (112, 112)) < TOL and ours_vs(wrong, their, (112, 84)) > 1e-3
+
+
+def test_hf_hub_file_names(tmp_path):
+    "save_pretrained writes the names of the files on the hub (attention.attention.query, mlp.weights_in ...)."
+    theirs = _hf(use_swiglu_ffn=True)
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    names = list(load_file(tmp_path / "model.safetensors"))
+    assert any(".attention.attention.query." in k for k in names) and any(".mlp.weights_in." in k for k in names)
+    assert not any("q_proj" in k or "gate_proj" in k for k in names)
+    their = lambda x: theirs(pixel_values=x).last_hidden_state
+    for src in (tmp_path / "model.safetensors", str(tmp_path)):                     # the file, or the folder
+        ours = load_official(src)
+        assert ours.official["flavour"] == "hf_dinov2" and ours.cfg.ffn == "swiglu"
+        assert ours_vs(ours, their, (112, 84)) < TOL
+
+
+def test_hf_classification_wrapper_and_explicit_heads():
+    c = Dinov2Config(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14, num_labels=5)
+    theirs = randomize_(Dinov2ForImageClassification(c))
+    with pytest.raises(ValueError, match="pass num_heads="):                        # 96 channels: not DINO's 64 per head
+        load_official(theirs.state_dict())
+    ours = load_official(theirs.state_dict(), num_heads=4)
+    assert any("classifier.*" in n for n in ours.official["notes"])
+    assert any("'dinov2.'" in n for n in ours.official["notes"])
+    assert ours_vs(ours, lambda x: theirs.dinov2(pixel_values=x).last_hidden_state, (56, 70)) < TOL
+    bad = load_official(theirs.state_dict(), num_heads=2)                           # a wrong head count is a different model
+    assert ours_vs(bad, lambda x: theirs.dinov2(pixel_values=x).last_hidden_state, (56, 56)) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ DINOv1 / DINOv2 hub
+def _v1_training_checkpoint(sd):
+    "DINOv1 main_dino.py save_dict: DDP student, plain teacher, each with a DINO head."
+    head = {"head.mlp.0.weight": torch.ones(8, 4), "head.last_layer.weight_g": torch.ones(16, 1)}
+    return {"student": {f"module.backbone.{k}": v + 1 for k, v in sd.items()} | {f"module.{k}": v for k, v in head.items()},
+            "teacher": {f"backbone.{k}": v for k, v in sd.items()} | head, "epoch": 100, "dino_loss": {"center": torch.zeros(1, 16)}}
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_dinov1_hub_parity(patch, tmp_path):
+    src = randomize_(vit_small(patch_size=patch, depth=2))
+    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}             # our names are the hub names
+    assert official_flavour(sd) == "dinov1"
+    path = tmp_path / "dino_deitsmall_pretrain.pth"
+    torch.save(sd, path)
+    for given in (path, _v1_training_checkpoint(sd)):
+        ours = load_official(given, map_location="cpu")
+        assert ours.official["flavour"] == "dinov1" and ours.cfg.interpolate_offset == 0.1
+        assert (ours.cfg.patch_size, ours.cfg.img_size, ours.cfg.num_heads, ours.cfg.layerscale) == (patch, 224, 6, None)
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            assert torch.equal(as_tokens(ours.forward_features(x)), as_tokens(src.forward_features(x)))   # identical
+        for hw in [(224, 160), (96, 96)]:
+            assert ours_vs(ours, lambda x: official_forward(sd, x, 6, 0.1), hw) < TOL, hw
+    notes = load_official(_v1_training_checkpoint(sd)).official["notes"]
+    assert any("'teacher'" in n for n in notes) and any("head.*" in n for n in notes)
+
+
+@pytest.mark.parametrize("kind", ["plain", "registers", "swiglu"])
+def test_dinov2_hub_parity(kind):
+    src = randomize_(dinov2_vit("vits14", depth=2, img_size=224, num_registers=4 if kind == "registers" else 0,
+                                **({"ffn": "swiglu"} if kind == "swiglu" else {})))
+    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    ours = load_official(sd)
+    fl = FLAVOURS[ours.official["flavour"]]
+    assert fl.name == ("dinov2_reg" if kind == "registers" else "dinov2")
+    assert (fl.interpolate_offset, fl.interpolate_antialias) == ((0.0, True) if kind == "registers" else (0.1, False))
+    for hw in [(224, 224), (224, 168), (126, 182)]:
+        assert ours_vs(ours, lambda x: official_forward(sd, x, 6, fl.interpolate_offset, fl.interpolate_antialias), hw) < TOL
+    # a second, independent reference: timm's own converter of hub files (`checkpoint_filter_fn`)
+    name = "vit_small_patch14_reg4_dinov2" if kind == "registers" else "vit_small_patch14_dinov2"
+    # timm packs SwiGLU in fc1 of width int(D * mlp_ratio): 2 x 1024 here (DINOv2's width for ViT-S), so mlp_ratio = 2048.5 / 384
+    kw = dict(mlp_ratio=2048.5 / 384, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if kind == "swiglu" else {}
+    t = timm.create_model(name, pretrained=False, img_size=224, depth=2, dynamic_img_size=True, **kw).eval()
+    t.load_state_dict(checkpoint_filter_fn({k: v.clone() for k, v in sd.items()}, t))
+    assert ours_vs(ours, t.forward_features, (224, 224)) < TOL
+    if kind == "registers":   # the hub's registers models resize like timm (size=, antialias)
+        assert ours_vs(ours, t.forward_features, (224, 168)) < TOL
+
+
+def test_dinov2_training_checkpoint_with_block_chunks():
+    src = randomize_(dinov2_vit("vits14", depth=4, img_size=56, embed_dim=64, num_heads=1))
+    sd = src.state_dict()
+    chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // 2}.{m.group(1)}.", k): v for k, v in sd.items()}
+    assert "blocks.1.3.norm1.weight" in chunked
+    ckpt = {"model": {f"teacher.backbone.{k}": v for k, v in chunked.items()}
+                     | {f"student.backbone.{k}": v + 1 for k, v in chunked.items()}
+                     | {"teacher.dino_head.mlp.0.weight": torch.ones(3, 64), "teacher.ibot_head.mlp.0.weight": torch.ones(3, 64)},
+            "iteration": 10}
+    ours = load_official(ckpt)
+    assert ours.official["flavour"] == "dinov2" and len(ours.blocks) == 4
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(as_tokens(ours.forward_features(x)), as_tokens(src.forward_features(x)))
+
+
+# ------------------------------------------------------------------------------------------------- inference, helpers
+def test_infer_config_dinov2_giant_shapes():
+    with torch.device("meta"):
+        g = dinov2_vit("vitg14", num_registers=4)
+    cfg = infer_config(g.state_dict())
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size, cfg.ffn, cfg.num_registers) == \
+        (1536, 40, 24, 14, 518, "swiglu", 4)
+    with torch.device("meta"):
+        assert VisionTransformer(cfg).state_dict().keys() == g.state_dict().keys()
+
+
+def test_map_location_dtype_eval_and_no_shared_storage():
+    src = randomize_(dinov2_vit("vits14", depth=1, img_size=56, embed_dim=64, num_heads=1))
+    sd = src.state_dict()
+    ours = load_official(sd, map_location="cpu", dtype=torch.float64)
+    assert not ours.training and all(p.dtype == torch.float64 and p.device.type == "cpu" for p in ours.parameters())
+    ours32 = load_official(sd)
+    before = ours32.cls_token.clone()
+    with torch.no_grad(): sd["cls_token"].add_(1.0)                                  # the caller's tensors stay theirs
+    assert torch.equal(ours32.cls_token, before)
+
+
+@pytest.mark.parametrize("make,flavour", [
+    (lambda: vit_small(depth=1).state_dict(), "dinov1"),
+    (lambda: dinov2_vit("vits14", depth=1).state_dict(), "dinov2"),
+    (lambda: dinov2_vit("vits14", depth=1, num_registers=4).state_dict(), "dinov2_reg"),
+    (lambda: timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=1, img_size=56).state_dict(), "timm_dinov2"),
+    (lambda: timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=1, img_size=56).state_dict(), "timm_dinov2"),
+    (lambda: _hf().state_dict(), "hf_dinov2"),
+    (lambda: _hf(registers=True).state_dict(), "hf_dinov2_reg"),
+])
+def test_official_flavour(make, flavour):
+    assert official_flavour(make()) == flavour
+
+
+# ------------------------------------------------------------------------------------------------------------ errors
+def test_unknown_state_dict_says_what_is_known_and_what_was_found():
+    resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.zeros(64), "layer1.0.conv1.weight": torch.zeros(1),
+              "fc.weight": torch.zeros(10, 2048)}
+    with pytest.raises(ValueError, match="unrecognised state dict") as e:
+        load_official(resnet)
+    msg = str(e.value)
+    assert all(name in msg for name in FLAVOURS) and "conv1" in msg and "layer1" in msg and "4 tensors" in msg
+
+
+def test_damaged_checkpoints_name_the_tensors():
+    sd = dinov2_vit("vits14", depth=3, img_size=56).state_dict()
+    with pytest.raises(ValueError, match=r"blocks \[1\] are missing"):
+        load_official({k: v for k, v in sd.items() if not k.startswith("blocks.1.")})
+    with pytest.raises(ValueError, match=r"missing tensors: \['blocks.2.attn.proj.bias'\]"):
+        load_official({k: v for k, v in sd.items() if k != "blocks.2.attn.proj.bias"})
+    with pytest.raises(ValueError, match=r"left-over tensors \(not used\): \['blocks.0.attn.extra'\]"):
+        load_official(sd | {"blocks.0.attn.extra": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"norm.weight: \(380,\) vs \(384,\)"):
+        load_official({k: v[..., :380] if k == "norm.weight" else v for k, v in sd.items()})
+    hf = {k: v for k, v in _hf().state_dict().items() if "layer.1.attention.k_proj.weight" not in k}
+    with pytest.raises(ValueError, match="cannot build blocks.1.attn.qkv.weight"):
+        load_official(hf)
+
+
+def test_bad_inputs(tmp_path):
+    sd = vit_small(depth=1).state_dict()
+    with pytest.raises(KeyError, match="unknown flavour 'dinov3'"):
+        load_official(sd, flavour="dinov3")
+    with pytest.raises(TypeError, match="expected a state dict"):
+        load_official([1, 2, 3])
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        load_official(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="without tensors"):
+        unwrap_checkpoint({"epoch": 3})
+    path = tmp_path / "full_checkpoint.pth"                                          # DINOv1 full checkpoints keep argparse args
+    torch.save({"teacher": sd, "args": argparse.Namespace(arch="vit_small")}, path)
+    with pytest.raises(ValueError, match=r"torch.load\(weights_only=True\) refused"):
+        load_official(path)
+    ours = load_official(torch.load(path, weights_only=False))                       # the documented way round
+    assert ours.official["flavour"] == "dinov1"
+
