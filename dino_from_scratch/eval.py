@@ -195,7 +195,7 @@ def evaluate_run(out, data=None, k: int = 20) -> dict:
     return res
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dino-eval", description="Evaluate frozen features: weighted k-NN, a linear probe, or linear segmentation.")
+    p = argparse.ArgumentParser(prog="dino-eval", description="Evaluate frozen features: weighted k-NN, a linear probe, linear segmentation, or DAVIS label propagation.")
     sub = p.add_subparsers(dest="cmd", required=True)
     def backbone_args(s, data_help):
         s.add_argument("--ckpt", help="run directory or checkpoint file")
@@ -222,6 +222,16 @@ def eval_parser() -> argparse.ArgumentParser:
     s.add_argument("--loss-upsample", type=int, default=None,
                    help="compute the loss at this many times the patch grid (default 4); 0 = the full label resolution")
     s.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (smoke tests)")
+    # davis: DINO's video label propagation, DAVIS J&F (dino_from_scratch.davis, imported only when used)
+    s = sub.add_parser("davis", help="video object segmentation by label propagation of patch tokens (DINO; DAVIS J, F, J&F)")
+    backbone_args(s, "DAVIS folder with JPEGImages/480p/ and Annotations/480p/ (default $DINO_DAVIS, else ../shared/data/davis2016-mini beside the repo)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random backbone")
+    s.add_argument("--size", default=None, help="input short side (default 320; DINO uses 480) or exact HxW, multiples of the patch size")
+    s.add_argument("--sequences", default=None, help="comma-separated sequence names (default: all, from sequences.txt)")
+    s.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of each sequence (smoke tests)")
+    s.add_argument("--topk", type=int, default=5); s.add_argument("--temperature", type=float, default=0.1)
+    s.add_argument("--n-last-frames", type=int, default=7, help="recent frames in the context, besides the first")
+    s.add_argument("--neighborhood", type=int, default=12, help="spatial window radius in patches (0 = none)")
     return p
 
 def main(argv=None):
@@ -238,11 +248,16 @@ def main(argv=None):
         if getattr(args, "eval_size", None): recipe = override(recipe, [f"data.eval_size={args.eval_size}"])
         if args.cmd == "knn": res = knn_eval(model, recipe, args.data, args.k, args.T, progress=False)
         elif args.cmd == "linear": res = linear_eval(model, recipe, args.data, args.epochs, progress=False)
-        else:
+        elif args.cmd == "seg":
             from dino_from_scratch.dense import seg_eval   # here, so knn/linear do not import it
             kw = {k: v for k, v in dict(epochs=args.epochs, size=args.size, lr=args.lr, limit=args.limit).items() if v is not None}
             if args.loss_upsample is not None: kw["loss_upsample"] = args.loss_upsample or None
             res = seg_eval(model, args.data, seed=args.seed, **kw)
+        else:
+            from dino_from_scratch.davis import davis_eval
+            seqs = [q.strip() for q in args.sequences.split(",") if q.strip()] if args.sequences else None
+            res = davis_eval(model, args.data, seqs, args.size, args.max_frames, args.n_last_frames, args.neighborhood,
+                             args.topk, args.temperature)
     except (KeyError, ValueError, FileNotFoundError) as e:
         sys.exit(f"dino-eval: error: {e.args[0] if e.args else e}")
     print(json.dumps({"eval": args.cmd, "model": src, **res}))
