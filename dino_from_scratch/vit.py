@@ -91,16 +91,16 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        # DINOv3 `mask_k_bias`: the key third of the qkv bias is multiplied by 0 (a key bias adds the same logit to
-        # every key of a query, so it cannot change the softmax; DINOv3 removes it). Not saved: it is a constant.
-        if mask_k_bias and qkv_bias:
-            self.register_buffer("k_bias_mask", torch.ones(3 * dim).index_fill_(0, torch.arange(dim, 2 * dim), 0.0), persistent=False)
-        else: self.k_bias_mask = None
+        # DINOv3 `mask_k_bias`: the key third of the qkv bias is replaced by 0 in the forward pass (chapter 18 shows
+        # why it matters with RoPE). The parameter keeps its full size, like the official checkpoints.
+        self.mask_k_bias = bool(mask_k_bias and qkv_bias)
 
     def forward(self, x, return_attention: bool = False, rope=None, n_prefix: int = 1):
         "rope: optional (sin, cos) tables [N, head_dim] for the last N tokens (chapter 17); `n_prefix` tokens stay unrotated."
-        if self.k_bias_mask is None: qkv = self.qkv(x)
-        else: qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.k_bias_mask.to(self.qkv.bias.dtype))
+        if not self.mask_k_bias: qkv = self.qkv(x)
+        else:
+            b, d = self.qkv.bias, self.qkv.bias.shape[0] // 3
+            qkv = F.linear(x, self.qkv.weight, torch.cat([b[:d], torch.zeros_like(b[d:2 * d]), b[2 * d:]]))
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         if rope is not None: q, k = apply_rope(q, k, *rope, n_prefix=n_prefix)
         if return_attention:  # explicit softmax(QK^T / sqrt(d)) so the weights can be returned

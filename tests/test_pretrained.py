@@ -1,5 +1,6 @@
 """Official checkpoints in our ViT: flavour detection, architecture inference, parity with timm and Hugging Face models
-(random weights, nothing downloaded), the DINOv1/DINOv2 hub layouts against a transcription of their forward, clear errors."""
+(random weights, nothing downloaded), the DINOv1/DINOv2/DINOv3 hub layouts against a transcription of their forward,
+Hugging Face DINOv3ViTModel, clear errors."""
 import argparse
 import math
 import re
@@ -9,17 +10,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dino_from_scratch.pretrained import (FLAVOURS, as_tokens, infer_config, load_official, official_flavour,
-                                          unwrap_checkpoint)
-from dino_from_scratch.vit import ViTConfig, VisionTransformer, resize_pos_embed
+from dino_from_scratch.pretrained import (FLAVOURS, V3_DEFAULTS, as_tokens, dinov3_hub_config, infer_config,
+                                          load_official, official_flavour, rename_dinov3, unwrap_checkpoint)
+from dino_from_scratch.rope import rope_periods
+from dino_from_scratch.vit import ViTConfig, VisionTransformer, n_params, resize_pos_embed
 from dino_from_scratch.vit_v2 import dinov2_vit
+from dino_from_scratch.vit_v3 import dinov3_vit
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 from timm.layers import SwiGLUPacked  # noqa: E402
 from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
 from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2Model,  # noqa: E402
-                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, DINOv3ViTConfig, DINOv3ViTModel)
 
 TOL = 1e-5  # float32, features after the final LayerNorm (unit scale)
 
@@ -304,6 +307,10 @@ def test_map_location_dtype_eval_and_no_shared_storage():
     (lambda: timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=1, img_size=56).state_dict(), "timm_dinov2"),
     (lambda: _hf().state_dict(), "hf_dinov2"),
     (lambda: _hf(registers=True).state_dict(), "hf_dinov2_reg"),
+    (lambda: _to_hub(dinov3_vit("vits16", depth=1, embed_dim=64, num_heads=1)), "dinov3"),
+    (lambda: _to_hub(dinov3_vit("vit7b16", device="meta")), "dinov3"),
+    (lambda: _hf_v3().state_dict(), "hf_dinov3"),
+    (lambda: {k.removeprefix("model."): v for k, v in _hf_v3().state_dict().items()}, "hf_dinov3"),   # file names
 ])
 def test_official_flavour(make, flavour):
     assert official_flavour(make()) == flavour
@@ -317,6 +324,7 @@ def test_unknown_state_dict_says_what_is_known_and_what_was_found():
         load_official(resnet)
     msg = str(e.value)
     assert all(name in msg for name in FLAVOURS) and "conv1" in msg and "layer1" in msg and "4 tensors" in msg
+    assert "dinov3:" in msg and "hf_dinov3:" in msg and "rope_embed.periods" in msg and "DINOv3ViTModel" in msg
 
 
 def test_damaged_checkpoints_name_the_tensors():
@@ -336,8 +344,8 @@ def test_damaged_checkpoints_name_the_tensors():
 
 def test_bad_inputs(tmp_path):
     sd = vit_small(depth=1).state_dict()
-    with pytest.raises(KeyError, match="unknown flavour 'dinov3'"):
-        load_official(sd, flavour="dinov3")
+    with pytest.raises(KeyError, match="unknown flavour 'dinov4'.*dinov3, hf_dinov3"):
+        load_official(sd, flavour="dinov4")
     with pytest.raises(TypeError, match="expected a state dict"):
         load_official([1, 2, 3])
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
@@ -351,3 +359,251 @@ def test_bad_inputs(tmp_path):
     ours = load_official(torch.load(path, weights_only=False))                       # the documented way round
     assert ours.official["flavour"] == "dinov1"
 
+
+
+# ------------------------------------------------------------------------------------------------------------ DINOv3
+V3_SIZES = [(224, 224), (96, 64)]   # the size in the config (no table: nothing is resized), and a non-square one
+
+
+def _hf_v3(**kw):
+    cfg = {**dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, image_size=224,
+                  patch_size=16, num_register_tokens=4), **kw}
+    return randomize_(DINOv3ViTModel(DINOv3ViTConfig(**cfg)))
+
+
+def _official_periods(head_dim, base=100.0):
+    "dinov3 RopePositionEmbedding._init_weights in float32 (hub: pos_embed_rope_dtype='fp32')."
+    return base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+
+
+def _key_mask(D):
+    return torch.cat([torch.ones(D), torch.zeros(D), torch.ones(D)])
+
+
+def _to_hub(model):
+    "Our DINOv3 ViT -> the facebookresearch/dinov3 hub names, written out by hand."
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().clone()
+        if k == "register_tokens": out["storage_tokens"] = v
+        elif k == "rope.periods": out["rope_embed.periods"] = _official_periods(4 * v.numel())
+        elif ".mlp.w12." in k: out[k.replace("w12", "w1")], out[k.replace("w12", "w2")] = v.chunk(2, dim=0)
+        else: out[k] = v
+        if k.endswith("attn.qkv.bias") and model.cfg.mask_k_bias: out[k + "_mask"] = _key_mask(v.numel() // 3)
+    return out
+
+
+def _hf_to_hub(hf):
+    "HF DINOv3ViTModel weights -> hub names, an independent mapping (the converse of transformers' conversion script)."
+    sd, c = hf.state_dict(), hf.config
+    D = c.hidden_size
+    out = {"cls_token": sd["embeddings.cls_token"], "mask_token": sd["embeddings.mask_token"][0],
+           "storage_tokens": sd["embeddings.register_tokens"], "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "rope_embed.periods": _official_periods(D // c.num_attention_heads)}
+    mlp = ([("gate_proj", "w1"), ("up_proj", "w2"), ("down_proj", "w3")] if c.use_gated_mlp
+           else [("up_proj", "fc1"), ("down_proj", "fc2")])
+    for i in range(c.num_hidden_layers):
+        a, b = f"model.layer.{i}.", f"blocks.{i}."
+        out[b + "attn.qkv.weight"] = torch.cat([sd[a + f"attention.{n}_proj.weight"] for n in "qkv"])
+        out[b + "attn.qkv.bias"] = torch.cat([sd[a + "attention.q_proj.bias"], torch.zeros(D), sd[a + "attention.v_proj.bias"]])
+        out[b + "attn.qkv.bias_mask"] = _key_mask(D)
+        for theirs, ours in [("attention.o_proj", "attn.proj"), ("norm1", "norm1"), ("norm2", "norm2")] + \
+                            [("mlp." + t, "mlp." + o) for t, o in mlp]:
+            out[b + ours + ".weight"], out[b + ours + ".bias"] = sd[a + theirs + ".weight"], sd[a + theirs + ".bias"]
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = sd[a + "layer_scale1.lambda1"], sd[a + "layer_scale2.lambda1"]
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def official_v3_forward(sd, x, eps=1e-5):
+    "Transcription of DINOv3 DinoVisionTransformer.forward_features in eval mode (all tokens after the final norm)."
+    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=eps)
+    lin = lambda t, p: F.linear(t, sd[p + ".weight"], sd.get(p + ".bias"))
+    ls = lambda t, k: t * sd[k] if k in sd else t
+    periods, D = sd["rope_embed.periods"], sd["cls_token"].shape[-1]
+    hd = 4 * periods.numel()
+    heads = D // hd
+    p = sd["patch_embed.proj.weight"].shape[-1]
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
+    B, _, H, W = t.shape
+    t = t.flatten(2).transpose(1, 2)
+    storage = sd.get("storage_tokens", t.new_zeros(1, 0, D))
+    t = torch.cat([(sd["cls_token"] + 0 * sd["mask_token"]).expand(B, -1, -1), storage.expand(B, -1, -1), t], 1)
+    ch, cw = torch.arange(0.5, H, dtype=torch.float32) / H, torch.arange(0.5, W, dtype=torch.float32) / W
+    c = 2.0 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1) - 1.0
+    ang = (2 * math.pi * c[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
+    sin, cos = torch.sin(ang), torch.cos(ang)
+    half = lambda u: torch.cat([-u[..., hd // 2:], u[..., :hd // 2]], -1)
+    rope = lambda u: torch.cat([u[:, :, :-H * W], u[:, :, -H * W:] * cos + half(u[:, :, -H * W:]) * sin], 2)
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        b = f"blocks.{i}."
+        bias = sd.get(b + "attn.qkv.bias")
+        if b + "attn.qkv.bias_mask" in sd: bias = bias * sd[b + "attn.qkv.bias_mask"]
+        q, k, v = F.linear(ln(t, b + "norm1"), sd[b + "attn.qkv.weight"], bias).reshape(B, -1, 3, heads, hd).unbind(2)
+        q, k, v = (u.transpose(1, 2) for u in (q, k, v))
+        a = F.scaled_dot_product_attention(rope(q), rope(k), v).transpose(1, 2).reshape(B, -1, D)
+        t = t + ls(lin(a, b + "attn.proj"), b + "ls1.gamma")
+        y = ln(t, b + "norm2")
+        if b + "mlp.w1.weight" in sd: y = lin(F.silu(lin(y, b + "mlp.w1")) * lin(y, b + "mlp.w2"), b + "mlp.w3")
+        else: y = lin(F.gelu(lin(y, b + "mlp.fc1")), b + "mlp.fc2")
+        t, i = t + ls(y, b + "ls2.gamma"), i + 1
+    return ln(t, "norm")
+
+
+HF_V3_CASES = {
+    "mlp": dict(),
+    "gated": dict(use_gated_mlp=True, hidden_act="silu", hidden_size=192, num_attention_heads=3, num_hidden_layers=3),
+    "no_registers": dict(num_register_tokens=0),
+    "key_bias": dict(key_bias=True),          # a real (unmasked) key bias: loaded as it is, mask_k_bias off
+}
+
+
+@pytest.mark.parametrize("case", list(HF_V3_CASES))
+def test_hf_dinov3_parity(case):
+    theirs = _hf_v3(**HF_V3_CASES[case])
+    c = theirs.config
+    ours = load_official(theirs.state_dict())
+    assert ours.official["flavour"] == "hf_dinov3" and not ours.training
+    assert ours.cfg.norm_eps == c.layer_norm_eps == theirs.norm.eps == 1e-5
+    assert (ours.cfg.pos_embed, ours.cfg.rope_base, ours.pos_embed) == ("rope", c.rope_theta, None)
+    assert (ours.embed_dim, len(ours.blocks), ours.cfg.num_heads, ours.num_registers, ours.cfg.ffn) == \
+        (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_register_tokens, "swiglu" if c.use_gated_mlp else "mlp")
+    assert ours.cfg.mask_k_bias == (not c.key_bias)
+    if c.use_gated_mlp: assert ours.blocks[0].mlp.w3.in_features == c.intermediate_size
+    k_bias = ours.blocks[1].attn.qkv.bias[c.hidden_size:2 * c.hidden_size]
+    assert torch.equal(k_bias, theirs.model.layer[1].attention.k_proj.bias) if c.key_bias else not k_bias.any()
+    their = lambda x: theirs(pixel_values=x).last_hidden_state
+    for hw in V3_SIZES:
+        assert ours_vs(ours, their, hw) < TOL, hw
+
+
+def test_hf_dinov3_rope_differs_only_by_rounding():
+    "HF multiplies by inverse periods where we divide by periods: the tables differ in the last bits, nothing else."
+    theirs = _hf_v3()
+    ours = load_official(theirs.state_dict())
+    with torch.no_grad():
+        for h, w in [(14, 14), (6, 4), (3, 7)]:
+            cos_hf, sin_hf = theirs.rope_embeddings(torch.zeros(1, 3, 16 * h, 16 * w))
+            sin, cos = ours.rope(h, w)
+            assert sin.shape == sin_hf.shape == (h * w, 64)
+            assert maxdiff(sin, sin_hf) < 1e-6 and maxdiff(cos, cos_hf) < 1e-6, (h, w)   # y/x order, normalisation agree
+        x = torch.randn(2, 3, 96, 64)
+        their = theirs(pixel_values=x).last_hidden_state
+        assert maxdiff(as_tokens(ours.forward_features(x)), their) > 0           # not bit-identical with our tables ...
+        ours.rope.forward = lambda H, W: theirs.rope_embeddings(torch.zeros(1, 3, 16 * H, 16 * W))[::-1]
+        assert torch.equal(as_tokens(ours.forward_features(x)), their)          # ... and bit-identical with theirs
+
+
+def test_hf_dinov3_saved_file_names(tmp_path):
+    "save_pretrained writes layer.N.* (conversion_mapping.py adds `model.` when loading): both spellings load."
+    theirs = _hf_v3(**HF_V3_CASES["gated"])
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    names = list(load_file(tmp_path / "model.safetensors"))
+    assert any(k.startswith("layer.0.attention.q_proj") for k in names) and not any(k.startswith("model.") for k in names)
+    assert any(k.startswith("model.layer.") for k in theirs.state_dict())
+    ours = load_official(tmp_path)
+    assert ours.official["flavour"] == "hf_dinov3" and ours.cfg.ffn == "swiglu"
+    assert any("computed the RoPE periods" in n for n in ours.official["notes"])
+    assert ours_vs(ours, lambda x: theirs(pixel_values=x).last_hidden_state, (96, 64)) < TOL
+
+
+V3_HUB_MODELS = {
+    "vits16": lambda: dinov3_vit("vits16", depth=3),
+    "vits16plus_local_norm": lambda: dinov3_vit("vits16plus", depth=2, untie_local_cls_norm=True),
+    "head_dim_24": lambda: dinov3_vit("vits16", embed_dim=96, num_heads=4, depth=2),   # heads only the periods can tell
+}
+
+
+@pytest.mark.parametrize("kind", list(V3_HUB_MODELS))
+def test_dinov3_hub_round_trip(kind):
+    src = randomize_(V3_HUB_MODELS[kind]())
+    hub = _to_hub(src)
+    assert "storage_tokens" in hub and "rope_embed.periods" in hub and "blocks.0.attn.qkv.bias_mask" in hub
+    ours = load_official(hub)
+    assert ours.official["flavour"] == "dinov3"
+    assert ours.cfg == src.cfg                                           # every field, heads and SwiGLU ratio included
+    assert torch.equal(ours.rope.periods, hub["rope_embed.periods"])     # the file's periods are kept
+    assert not any(t.is_meta for t in ours.buffers())                    # the non-persistent key mask was made
+    same_periods = torch.equal(hub["rope_embed.periods"], src.rope.periods)
+    assert same_periods == (kind != "head_dim_24")                      # fp32 formula: 1 ulp off for a head dim of 24
+    for hw in V3_SIZES:
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            got = as_tokens(ours.forward_features(x))
+            assert maxdiff(got, official_v3_forward(hub, x)) < TOL, hw
+            d_src = maxdiff(got, as_tokens(src.forward_features(x)))
+        assert d_src == 0.0 if same_periods else 0.0 < d_src < TOL
+
+
+@pytest.mark.parametrize("case", ["mlp", "gated"])
+def test_dinov3_hub_from_hf_weights(case):
+    "The same weights in the hub's names (mapped by hand) and in Hugging Face's: both flavours give HF's features."
+    theirs = _hf_v3(**HF_V3_CASES[case])
+    hub = _hf_to_hub(theirs)
+    ours = load_official(hub)
+    assert ours.official["flavour"] == "dinov3" and ours.cfg == load_official(theirs.state_dict()).cfg
+    for hw in V3_SIZES:
+        assert ours_vs(ours, lambda x: theirs(pixel_values=x).last_hidden_state, hw) < TOL, hw
+        assert ours_vs(ours, lambda x: official_v3_forward(hub, x), hw) < TOL, hw
+
+
+def test_dinov3_training_checkpoint_keeps_the_teacher():
+    src = randomize_(dinov3_vit("vits16", depth=2, embed_dim=64, num_heads=1))
+    hub = _to_hub(src)
+    ckpt = {"model": {f"teacher.backbone.{k}": v for k, v in hub.items()} | {f"student.backbone.{k}": v + 1 for k, v in hub.items()}
+                     | {"teacher.dino_head.mlp.0.weight": torch.ones(3, 64)}, "iteration": 7}
+    ours = load_official(ckpt)
+    assert ours.official["flavour"] == "dinov3" and ours.cfg.num_heads == 1
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        assert torch.equal(as_tokens(ours.forward_features(x)), as_tokens(src.forward_features(x)))
+
+
+def test_infer_vit7b_from_hub_shapes():
+    with torch.device("meta"):
+        big = dinov3_vit("vit7b16")
+    hub = _to_hub(big)
+    assert not any(k.endswith("bias_mask") for k in hub)                 # no qkv bias, so no mask
+    cfg = infer_config(rename_dinov3(hub), **{**V3_DEFAULTS, **dinov3_hub_config(hub)})
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.swiglu_align, cfg.qkv_bias) == (4096, 40, 32, 3.0, 64, False)
+    assert (cfg.untie_local_cls_norm, cfg.num_registers, cfg.norm_eps, cfg.pos_embed) == (True, 4, 1e-5, "rope")
+    with torch.device("meta"):
+        m = VisionTransformer(cfg)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in big.state_dict().items()}
+    assert n_params(m) == 6_716_043_264
+
+
+# ------------------------------------------------------------------------------------------------- DINOv3 errors
+def _small_hub():
+    return _to_hub(randomize_(dinov3_vit("vits16", depth=1, embed_dim=64, num_heads=1)))
+
+
+def test_dinov3_periods_of_another_base():
+    hub = _small_hub()
+    other = {**hub, "rope_embed.periods": _official_periods(64, base=1000.0)}
+    with pytest.raises(ValueError, match=r"dinov3 checkpoint: the RoPE periods .* do not match base 100 .* those of base 1000"):
+        load_official(other)
+    assert load_official(other, rope_base=1000.0).cfg.rope_base == 1000.0      # accepted when asked for
+    minmax = {**hub, "rope_embed.periods": torch.linspace(0.5, 4.0, 16)}      # the min/max-period form
+    with pytest.raises(ValueError, match="not base \\*\\* \\(4k / head_dim\\) for any base"):
+        load_official(minmax)
+    with pytest.raises(ValueError, match="a wrong num_heads"):                # 64 channels as 2 heads: 8 periods needed
+        load_official(hub, num_heads=2)
+
+
+def test_dinov3_bad_mask_and_unsupported_norm():
+    hub = _small_hub()
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv.bias_mask is not DINOv3's key-bias mask"):
+        load_official({**hub, "blocks.0.attn.qkv.bias_mask": torch.ones(192)})
+    with pytest.raises(ValueError, match="NaN"):
+        load_official({**hub, "blocks.0.attn.qkv.bias_mask": torch.full((192,), float("nan"))})
+    with pytest.raises(ValueError, match="cls_norm.*untie_cls_and_patch_norms"):
+        load_official({**hub, "cls_norm.weight": torch.ones(64), "cls_norm.bias": torch.zeros(64)})
+    with pytest.raises(ValueError, match=r"missing tensors: \['blocks.0.mlp.fc2.bias'\]"):
+        load_official({k: v for k, v in hub.items() if k != "blocks.0.mlp.fc2.bias"})
+    with pytest.raises(ValueError, match="cannot build blocks.0.mlp.w12.weight"):   # half a SwiGLU
+        sw = _to_hub(dinov3_vit("vits16plus", depth=1, embed_dim=64, num_heads=1))
+        load_official({k: v for k, v in sw.items() if k != "blocks.0.mlp.w2.weight"})
