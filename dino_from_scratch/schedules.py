@@ -50,6 +50,8 @@ class OptimConfig:
     layerwise_decay: float = 1.0      # lr of block i scaled by decay^(depth + 1 - (i + 1)); DINOv2: 0.9
     patch_embed_lr_mult: float = 1.0  # extra lr factor on the patch embedding; DINOv2: 0.2
     clip_mode: str = "param"          # "param": each parameter to norm clip_grad (DINOv1); "module": backbone and each head (DINOv2)
+    # --- DINOv3 (chapter 20): "constant" = warm-up, then lr, weight decay and EMA momentum held at their start values ---
+    schedule: str = "cosine"          # "cosine" (DINOv1/v2) | "constant" (DINOv3 schedules v2, no planned end)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -57,8 +59,10 @@ class OptimConfig:
         if self.lr <= 0 or self.min_lr < 0: raise ValueError(f"optim.lr must be > 0 and optim.min_lr >= 0, got {self.lr}, {self.min_lr}")
         for f in ("momentum_teacher", "momentum_teacher_end"):
             if not 0 <= getattr(self, f) <= 1: raise ValueError(f"optim.{f} must be in [0, 1], got {getattr(self, f)}")
-        if self.lr_scaling not in ("linear", "sqrt", "none"):
-            raise ValueError(f"optim.lr_scaling must be 'linear', 'sqrt' or 'none', got {self.lr_scaling!r}")
+        if self.lr_scaling not in ("linear", "sqrt", "sqrt4", "none"):
+            raise ValueError(f"optim.lr_scaling must be 'linear', 'sqrt', 'sqrt4' or 'none', got {self.lr_scaling!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if not 0 < self.layerwise_decay <= 1: raise ValueError(f"optim.layerwise_decay must be in (0, 1], got {self.layerwise_decay}")
         if self.patch_embed_lr_mult <= 0: raise ValueError(f"optim.patch_embed_lr_mult must be positive, got {self.patch_embed_lr_mult}")
         if self.clip_mode not in ("param", "module"): raise ValueError(f"optim.clip_mode must be 'param' or 'module', got {self.clip_mode!r}")
@@ -69,6 +73,7 @@ def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     "The peak learning rate after the batch-size scaling rule."
     if cfg.lr_scaling == "linear": return cfg.lr * total_batch / 256           # DINOv1
     if cfg.lr_scaling == "sqrt": return cfg.lr * math.sqrt(total_batch / 1024)  # DINOv2 `sqrt_wrt_1024`
+    if cfg.lr_scaling == "sqrt4": return cfg.lr * 4 * math.sqrt(total_batch / 1024)  # DINOv3 `sqrt_wrt_1024`
     return cfg.lr
 
 class Schedules:
@@ -76,9 +81,14 @@ class Schedules:
     def __init__(self, optim: OptimConfig, loss, steps_per_epoch: int, total_batch: int, total_steps: int | None = None):
         self.steps_per_epoch = spe = max(int(steps_per_epoch), 1)
         self.total = n = int(total_steps or round(optim.epochs * spe))
-        self.lr = cosine_schedule(scaled_lr(optim, total_batch), optim.min_lr, n, round(optim.warmup_epochs * spe))
-        self.wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, n)
-        self.momentum = cosine_schedule(optim.momentum_teacher, optim.momentum_teacher_end, n)
+        peak, warm = scaled_lr(optim, total_batch), round(optim.warmup_epochs * spe)
+        if optim.schedule == "constant":   # DINOv3: warm up, then hold (min_lr and the *_end values are not used)
+            self.lr = cosine_schedule(peak, peak, n, warm)
+            self.wd, self.momentum = np.full(n, optim.weight_decay, dtype=float), np.full(n, optim.momentum_teacher, dtype=float)
+        else:
+            self.lr = cosine_schedule(peak, optim.min_lr, n, warm)
+            self.wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, n)
+            self.momentum = cosine_schedule(optim.momentum_teacher, optim.momentum_teacher_end, n)
         self.teacher_temp = linear_then_constant(loss.warmup_teacher_temp, loss.teacher_temp, n,
                                                  round(loss.warmup_teacher_temp_epochs * spe))
         self.freeze_last_layer_steps = round(optim.freeze_last_layer_epochs * spe)
