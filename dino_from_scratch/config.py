@@ -16,6 +16,7 @@ from .dino import HeadConfig, DINOLossConfig
 from .schedules import OptimConfig, scaled_lr
 from .masking import MaskConfig
 from .ibot import IBOTConfig
+from .gram import GramConfig
 
 # %% auto #0
 __all__ = ['PRESETS', 'DataConfig', 'RunConfig', 'Recipe', 'recipe_from_dict', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1',
@@ -70,6 +71,8 @@ class Recipe:
     # DINOv2 (chapters 07-12): iBOT masks and patch loss; off (loss_weight 0) in the DINOv1 recipes
     mask: MaskConfig = field(default_factory=MaskConfig)
     ibot: IBOTConfig = field(default_factory=lambda: IBOTConfig(loss_weight=0.0))
+    # DINOv3 (chapters 21-22): Gram anchoring; off (loss_weight 0) in the DINOv1 and DINOv2 recipes
+    gram: GramConfig = field(default_factory=lambda: GramConfig(loss_weight=0.0))
 
     def __post_init__(self):
         for f in fields(self):  # accept plain dicts (from YAML / JSON)
@@ -97,11 +100,16 @@ class Recipe:
         "True when the recipe needs the DINOv2 trainer (iBOT or KoLeo switched on)."
         return self.ibot.loss_weight > 0 or self.loss.koleo_weight > 0
 
+    @property
+    def uses_v3_terms(self) -> bool:
+        "True when the recipe needs the DINOv3 trainer (Gram anchoring switched on)."
+        return self.gram.loss_weight > 0
+
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/04_config.ipynb #49b40e13
 _SUB = {"data": DataConfig, "model": ViTConfig, "head": HeadConfig, "loss": DINOLossConfig, "optim": OptimConfig,
-        "run": RunConfig, "mask": MaskConfig, "ibot": IBOTConfig}
+        "run": RunConfig, "mask": MaskConfig, "ibot": IBOTConfig, "gram": GramConfig}
 
 def _from_dict(cls, d: dict, where: str):
     "Build dataclass `cls` from `d`, refusing unknown keys with the list of valid ones."

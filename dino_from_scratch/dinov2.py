@@ -31,17 +31,19 @@ class DINOv2Model(nn.Module):
     def forward(self, global_crops: list[torch.Tensor], local_crops: list[torch.Tensor] = (),
                 masks: torch.Tensor | None = None, mask_indices: torch.Tensor | None = None) -> dict:
         """global_crops: n_g tensors [B, C, H, W]; local_crops: n_l tensors; masks [n_g * B, N] for the student.
-        Returns {'cls_logits': [n_g + n_l, B, K], 'cls': [n_g, B, D] (pre-head, global crops), 'patch_logits': [M, K']}."""
+        Returns {'cls_logits': [n_g + n_l, B, K], 'cls': [n_g, B, D] (pre-head, global crops), 'patch_logits': [M, K'],
+        'patches': [n_g * B, N, D] (pre-head patch tokens of the global crops, for DINOv3's Gram loss)}."""
         B, n_g = global_crops[0].shape[0], len(global_crops)
         out = self.backbone.forward_features(torch.cat(list(global_crops)), masks=masks)
         cls = [out["cls"]]
-        if len(local_crops): cls.append(self.backbone(torch.cat(list(local_crops))))   # all local crops share one size
+        if len(local_crops):   # all local crops share one size; `local=True` selects DINOv3's untied local CLS norm
+            cls.append(self.backbone.forward_features(torch.cat(list(local_crops)), local=True)["cls"])
         logits = self.head(torch.cat(cls)).view(n_g + len(local_crops), B, -1)
         patch_logits = None
         if mask_indices is not None:   # only the masked positions go through the patch head
             tokens = out["patches"].flatten(0, 1)[mask_indices]
             patch_logits = (self.ibot_head or self.head)(tokens)
-        return {"cls_logits": logits, "cls": out["cls"].view(n_g, B, -1), "patch_logits": patch_logits}
+        return {"cls_logits": logits, "cls": out["cls"].view(n_g, B, -1), "patch_logits": patch_logits, "patches": out["patches"]}
 
 def build_v2_models(recipe: Recipe) -> tuple[DINOv2Model, DINOv2Model]:
     "Student and teacher with identical initial weights; the teacher has no drop-path and no gradients."
@@ -94,6 +96,8 @@ class DINOv2Trainer(Trainer):
                   else torch.zeros((), device=acc.device))
         l_koleo = sum(koleo_loss(c) for c in st["cls"]) if r.loss.koleo_weight else torch.zeros((), device=acc.device)
         loss = l_dino + r.ibot.loss_weight * l_ibot + r.loss.koleo_weight * l_koleo
+        extra = self.extra_terms(crops[:G], st)   # later generations add terms here (DINOv3's Gram loss, chapter 22)
+        for name, (value, weight) in extra.items(): loss = loss + weight * value
         self._check_finite(loss)
         if r.loss.centering == "softmax":   # EMA centers move after the loss, as in the official code
             dino_loss.update_center(t["cls_logits"])
@@ -109,7 +113,12 @@ class DINOv2Trainer(Trainer):
         self.step += 1
         # 8. metrics
         return {"step": self.step, "loss": loss.item(), "dino_loss": l_dino.item(), "ibot_loss": l_ibot.item(),
-                "koleo_loss": l_koleo.item(), "n_masked": m["n_masked"], **teacher_stats(p_cls), **h}
+                "koleo_loss": l_koleo.item(), "n_masked": m["n_masked"], **teacher_stats(p_cls), **h,
+                **{name: value.item() for name, (value, _) in extra.items()}}
+
+    def extra_terms(self, global_crops: list[torch.Tensor], student_out: dict) -> dict:
+        "{name: (loss, weight)} added to the total; none in DINOv2."
+        return {}
 
 # %% ../nbs/12_dinov2.ipynb #88b5aed2
 from .vit import resize_pos_embed

@@ -331,6 +331,9 @@ def train_parser() -> argparse.ArgumentParser:
 
 def make_trainer(recipe: Recipe, **kw) -> Trainer:
     "The trainer a recipe needs: DINOv2's (chapter 12) when iBOT or KoLeo are on, else DINOv1's. Keywords go to it."
+    if recipe.uses_v3_terms:
+        from dino_from_scratch.dinov3 import DINOv3Trainer
+        return DINOv3Trainer(recipe, **kw)
     if recipe.uses_v2_terms:
         from dino_from_scratch.dinov2 import DINOv2Trainer
         return DINOv2Trainer(recipe, **kw)

@@ -1,6 +1,6 @@
 """Official checkpoints in our ViT: flavour detection, architecture inference, parity with timm and Hugging Face models
 (random weights, nothing downloaded), the DINOv1/DINOv2/DINOv3 hub layouts against a transcription of their forward,
-Hugging Face DINOv3ViTModel, clear errors."""
+Hugging Face DINOv3ViTModel, timm DINOv3 (Eva), clear errors."""
 import argparse
 import math
 import re
@@ -11,11 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dino_from_scratch.pretrained import (FLAVOURS, V3_DEFAULTS, as_tokens, dinov3_hub_config, infer_config,
-                                          load_official, official_flavour, rename_dinov3, unwrap_checkpoint)
+                                          load_official, official_flavour, rename_dinov3, rename_timm_dinov3,
+                                          timm_dinov3_config, unwrap_checkpoint)
 from dino_from_scratch.rope import rope_periods
 from dino_from_scratch.vit import ViTConfig, VisionTransformer, n_params, resize_pos_embed
 from dino_from_scratch.vit_v2 import dinov2_vit
-from dino_from_scratch.vit_v3 import dinov3_vit
+from dino_from_scratch.vit_v3 import dinov3_vit, dinov3_vit_config
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -311,6 +312,8 @@ def test_map_location_dtype_eval_and_no_shared_storage():
     (lambda: _to_hub(dinov3_vit("vit7b16", device="meta")), "dinov3"),
     (lambda: _hf_v3().state_dict(), "hf_dinov3"),
     (lambda: {k.removeprefix("model."): v for k, v in _hf_v3().state_dict().items()}, "hf_dinov3"),   # file names
+    (lambda: timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1).state_dict(), "timm_dinov3"),
+    (lambda: timm.create_model("vit_small_plus_patch16_dinov3_qkvb", pretrained=False, depth=1).state_dict(), "timm_dinov3"),
 ])
 def test_official_flavour(make, flavour):
     assert official_flavour(make()) == flavour
@@ -325,6 +328,7 @@ def test_unknown_state_dict_says_what_is_known_and_what_was_found():
     msg = str(e.value)
     assert all(name in msg for name in FLAVOURS) and "conv1" in msg and "layer1" in msg and "4 tensors" in msg
     assert "dinov3:" in msg and "hf_dinov3:" in msg and "rope_embed.periods" in msg and "DINOv3ViTModel" in msg
+    assert "timm_dinov3:" in msg and "blocks.N.gamma_1" in msg
 
 
 def test_damaged_checkpoints_name_the_tensors():
@@ -607,3 +611,91 @@ def test_dinov3_bad_mask_and_unsupported_norm():
     with pytest.raises(ValueError, match="cannot build blocks.0.mlp.w12.weight"):   # half a SwiGLU
         sw = _to_hub(dinov3_vit("vits16plus", depth=1, embed_dim=64, num_heads=1))
         load_official({k: v for k, v in sw.items() if k != "blocks.0.mlp.w2.weight"})
+
+
+# ------------------------------------------------------------------------------------------------------- timm DINOv3
+TIMM_V3_CASES = {   # timm name, create_model overrides (2 blocks for speed), our ffn
+    "small": ("vit_small_patch16_dinov3", {}, "mlp"),
+    "small_qkvb": ("vit_small_patch16_dinov3_qkvb", {}, "mlp"),
+    "small_plus": ("vit_small_plus_patch16_dinov3", {}, "swiglu"),
+    "small_plus_qkvb_192": ("vit_small_plus_patch16_dinov3_qkvb", dict(embed_dim=192, num_heads=3), "swiglu"),
+    "small_plus_packed": ("vit_small_plus_patch16_dinov3", dict(swiglu_align_to=0), "swiglu"),   # GluMlp: fc1 = [W1; W2]
+}
+
+
+def _timm_v3(case):
+    name, kw, _ = TIMM_V3_CASES[case]
+    return randomize_(timm.create_model(name, pretrained=False, **{"depth": 2, **kw}))
+
+
+@pytest.mark.parametrize("case", list(TIMM_V3_CASES))
+def test_timm_dinov3_parity(case):
+    theirs = _timm_v3(case)
+    ours = load_official(theirs.state_dict())
+    a = theirs.blocks[0].attn
+    assert ours.official["flavour"] == "timm_dinov3" and not ours.training
+    assert ours.cfg.norm_eps == theirs.norm.eps == theirs.blocks[0].norm1.eps == 1e-5
+    assert (ours.embed_dim, len(ours.blocks), ours.cfg.num_heads, ours.num_registers, ours.cfg.ffn) == \
+        (theirs.embed_dim, len(theirs.blocks), a.num_heads, theirs.num_prefix_tokens - 1, TIMM_V3_CASES[case][2])
+    assert (ours.cfg.pos_embed, ours.pos_embed, ours.mask_token) == ("rope", None, None)
+    assert torch.equal(ours.rope.periods, theirs.rope.periods)                 # timm's RoPE periods are the official formula
+    assert ours.cfg.qkv_bias == ours.cfg.mask_k_bias == (a.q_bias is not None)
+    if a.q_bias is not None:                                                   # [q_bias; 0 (their k_bias buffer); v_bias]
+        assert torch.equal(ours.blocks[1].attn.qkv.bias, torch.cat([theirs.blocks[1].attn.q_bias, theirs.blocks[1].attn.k_bias,
+                                                                    theirs.blocks[1].attn.v_bias]))
+        assert not theirs.blocks[1].attn.k_bias.any()
+    if ours.cfg.ffn == "swiglu":
+        assert ours.blocks[0].mlp.w3.in_features == theirs.blocks[0].mlp.fc2.in_features
+    for hw in V3_SIZES:                                                        # dynamic_img_size=True in timm's definitions
+        assert ours_vs(ours, theirs.forward_features, hw) < TOL, hw
+
+
+def test_timm_dinov3_rope_tables_equal_ours():
+    "timm's RotaryEmbeddingDinoV3 (half-split layout, ij, separate, division by periods) gives our sin/cos tables exactly."
+    theirs = _timm_v3("small")
+    ours = load_official(theirs.state_dict())
+    with torch.no_grad():
+        for h, w in [(14, 14), (6, 4), (3, 7)]:
+            sin_t, cos_t = theirs.rope.get_embed(shape=[h, w]).chunk(2, -1)
+            sin, cos = ours.rope(h, w)
+            assert sin.shape == sin_t.shape == (h * w, 64)
+            assert torch.equal(sin, sin_t) and torch.equal(cos, cos_t), (h, w)
+
+
+def test_timm_dinov3_stored_key_bias_is_loaded_unmasked():
+    "A state dict that does store a k_bias (timm's is a non-persistent zero buffer) keeps it, with mask_k_bias off."
+    theirs = _timm_v3("small_qkvb")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b in theirs.blocks: b.attn.k_bias.copy_(0.5 * torch.randn(b.attn.k_bias.shape, generator=g))
+    sd = theirs.state_dict() | {f"blocks.{i}.attn.k_bias": b.attn.k_bias for i, b in enumerate(theirs.blocks)}
+    ours = load_official(sd)
+    assert ours.cfg.qkv_bias and not ours.cfg.mask_k_bias
+    assert torch.equal(ours.blocks[0].attn.qkv.bias[384:768], theirs.blocks[0].attn.k_bias)
+    assert ours_vs(ours, theirs.forward_features, (96, 64)) < TOL
+    masked = load_official(sd, mask_k_bias=True)                               # the test can fail: masking it is far off
+    assert ours_vs(masked, theirs.forward_features, (96, 64)) > 1e-3
+
+
+def test_timm_dinov3_wrong_heads_is_detected():
+    theirs = _timm_v3("small_plus")
+    assert ours_vs(load_official(theirs.state_dict(), num_heads=3), theirs.forward_features, (96, 64)) > 1e-3
+
+
+def test_timm_dinov3_without_registers_needs_the_flavour_named():
+    "Detection asks for reg_token (every DINOv3 has 4); a register-free Eva loads when the flavour is named."
+    theirs = randomize_(timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1, num_reg_tokens=0))
+    with pytest.raises(ValueError, match="unrecognised state dict"):
+        official_flavour(theirs.state_dict())
+    ours = load_official(theirs.state_dict(), flavour="timm_dinov3")
+    assert ours.num_registers == 0 and ours_vs(ours, theirs.forward_features, (96, 64)) < TOL
+
+
+def test_timm_dinov3_7b_config_from_shapes():
+    "vit_7b_patch16_dinov3 on the meta device: timm's mlp_ratio=2 aligned to 64 is our ratio 3 with swiglu64, 32 heads."
+    sd = timm.create_model("vit_7b_patch16_dinov3", pretrained=False, device="meta").state_dict()
+    assert official_flavour(sd) == "timm_dinov3"
+    cfg = infer_config(rename_timm_dinov3(sd), **{**V3_DEFAULTS, **timm_dinov3_config(sd)},
+                       drop_path_mode=FLAVOURS["timm_dinov3"].drop_path_mode)                     # as load_official does
+    want = dinov3_vit_config("vit7b16", untie_local_cls_norm=False, mask_token=False, mask_k_bias=False)
+    assert cfg == want, (cfg, want)
