@@ -20,8 +20,8 @@ from .gram import GramConfig
 
 # %% auto #0
 __all__ = ['PRESETS', 'DataConfig', 'RunConfig', 'Recipe', 'recipe_from_dict', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1',
-           'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'tiny_v2', 'get_recipe', 'override',
-           'save_recipe', 'load_recipe', 'recipe_diff']
+           'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'tiny_v2', 'tiny_v3', 'get_recipe',
+           'override', 'save_recipe', 'load_recipe', 'recipe_diff']
 
 # %% ../nbs/04_config.ipynb #1c9783d7
 @dataclass
@@ -220,8 +220,24 @@ def tiny_v2() -> Recipe:
     r.optim = OptimConfig(**o)
     return recipe_from_dict(r.to_dict())
 
+def tiny_v3() -> Recipe:
+    """`tiny_v2` with DINOv3's changes at CPU scale (a first version, not tuned): 2-D RoPE (base 100, rescale 2)
+    instead of the position table, 4 storage tokens, masked key bias, LayerNorm eps 1e-5, constant schedules
+    (warm-up, then lr / weight decay / EMA momentum 0.99 held) with the `4 sqrt(B/1024)` rule at tiny_v2's peak lr,
+    and Gram anchoring from epoch 3 (Gram teacher refreshed every 2 epochs, at 2x the crop size)."""
+    r = tiny_v2()
+    r.name = "tiny_v3"
+    r.model = ViTConfig(**{**asdict(r.model), "pos_embed": "rope", "rope_rescale": 2.0, "num_registers": 4,
+                           "mask_k_bias": True, "norm_eps": 1e-5})
+    o = asdict(r.optim)
+    o.update(schedule="constant", lr_scaling="sqrt4", lr=round(r.optim.lr / 4, 8), momentum_teacher=0.99)
+    r.optim = OptimConfig(**o)   # same peak lr at batch 32: lr * 4 * sqrt(32/1024) = tiny_v2's lr * sqrt(32/1024)
+    r.gram = GramConfig(loss_weight=1.0, it_first_update=3 * 233, update_frequency=2 * 233, max_updates=None,
+                        highres_scale=2.0)   # 233 steps per epoch on imagenette2-128/train at batch 32
+    return recipe_from_dict(r.to_dict())
+
 PRESETS = {f.__name__: f for f in (dinov1_vits16, dinov1_vitb16, tiny_v1, dinov2_vits14, dinov2_vitb14,
-                                   dinov2_vitl14, dinov2_vitg14, tiny_v2)}
+                                   dinov2_vitl14, dinov2_vitg14, tiny_v2, tiny_v3)}
 
 def get_recipe(name_or_path: str) -> Recipe:
     "A preset by name, or a YAML file written by `save_recipe`."

@@ -75,3 +75,22 @@ def test_highres_gram_teacher_and_bad_configs(train_images, tmp_path):
         small_v3("gram.remove_neg=true", "gram.remove_only_teacher_neg=true")
     with pytest.raises(KeyError, match="valid fields of gram"):
         small_v3("gram.first_update=3")
+
+
+def test_tiny_v3_preset_trains_and_resumes_with_rope(train_images, tmp_path):
+    "tiny_v3 shrunk: RoPE ViT with storage tokens, constant schedules and a 2x Gram teacher; exact resume."
+    from dino_from_scratch.config import tiny_v3
+    r = override(tiny_v3(), SMALL_OVERRIDES + ["ibot.out_dim=48", "optim.epochs=3", "gram.it_first_update=1",
+                                               "gram.update_frequency=2"])
+    assert r.model.pos_embed == "rope" and r.optim.schedule == "constant" and r.uses_v3_terms
+    a = train.make_trainer(r, out=tmp_path / "a", dataset=_fresh(train_images), verbose=False)
+    h = a.fit(max_steps=4, progress=False)
+    assert h[0]["gram_loss"] == 0 and all(m["gram_loss"] > 0 for m in h[1:])
+    lrs = [m["lr"] for m in h]
+    assert lrs[0] == 0 and len(set(lrs[1:])) == 1 and len({m["momentum"] for m in h}) == 1   # warm-up, then held
+    b = train.make_trainer(r, out=tmp_path / "b", dataset=_fresh(train_images), verbose=False)
+    b.fit(max_steps=2, progress=False)
+    c = train.make_trainer(r, out=tmp_path / "b", dataset=_fresh(train_images), resume=True, verbose=False)
+    c.fit(max_steps=4, progress=False)
+    for k, v in a.student.state_dict().items():
+        assert torch.equal(v, c.student.state_dict()[k]), k
