@@ -41,6 +41,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def train_images(shared_data):
+    "16 real training images (imagenette2-128/train), loaded once per test module; pass through `fresh` before training."
+    from dino_from_scratch import data
+    return data.ImageDataset.from_folder(shared_data / "imagenette2-128", "train").subset(16)
+
+
 @pytest.fixture
 def tmp_run_dir(tmp_path) -> Path:
     "A fresh, empty directory for a test's run outputs (checkpoints, logs, figures)."

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dino_test_utils import SMALL_OVERRIDES, make_small_folder, run_cli, read_metrics, optimizer_of, one_thread  # noqa: E402,F401
+from dino_test_utils import SMALL_OVERRIDES, make_small_folder, run_cli, read_metrics, optimizer_of, one_thread, fresh as _fresh  # noqa: E402,F401
 
 from dino_from_scratch import data, train  # noqa: E402
 from dino_from_scratch.config import tiny_v2, override  # noqa: E402
@@ -21,15 +21,6 @@ V2_SMALL = SMALL_OVERRIDES + ["ibot.out_dim=48"]
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     "One intra-op thread (see dino_test_utils.one_thread)."
-
-
-@pytest.fixture(scope="module")
-def train_images(shared_data):
-    return data.ImageDataset.from_folder(shared_data / "imagenette2-128", "train").subset(16)
-
-
-def _fresh(ds):
-    return data.ImageDataset(ds.sources, ds.labels, classes=ds.classes, name=ds.name)
 
 
 def small_v2(*extra):

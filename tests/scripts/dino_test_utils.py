@@ -68,3 +68,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def fresh(ds):
+    "A new ImageDataset over the same files (a trainer sets its own transform and seed on the dataset it gets)."
+    from dino_from_scratch import data
+    return data.ImageDataset(ds.sources, ds.labels, classes=ds.classes, name=ds.name)
