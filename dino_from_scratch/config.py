@@ -20,8 +20,9 @@ from .gram import GramConfig
 
 # %% auto #0
 __all__ = ['PRESETS', 'DataConfig', 'RunConfig', 'Recipe', 'recipe_from_dict', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1',
-           'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'tiny_v2', 'tiny_v3', 'get_recipe',
-           'override', 'save_recipe', 'load_recipe', 'recipe_diff']
+           'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'tiny_v2', 'tiny_v3', 'dinov3_vit7b16',
+           'dinov3_vit7b16_gram', 'dinov3_vit7b16_highres', 'dinov3_vitl16', 'dinov3_vitl16_gram',
+           'dinov3_vitl16_highres', 'get_recipe', 'override', 'save_recipe', 'load_recipe', 'recipe_diff']
 
 # %% ../nbs/04_config.ipynb #1c9783d7
 @dataclass
@@ -79,7 +80,9 @@ class Recipe:
             v = getattr(self, f.name)
             if isinstance(v, dict): setattr(self, f.name, _from_dict(_SUB[f.name], v, f.name))
         p, c = self.model.patch_size, self.data.crops
-        for name, size in (("global_size", c.global_size), ("local_size", c.local_size), ("eval_size", self.data.eval_size)):
+        sizes = [("global_size", c.global_size), ("local_size", c.local_size), ("eval_size", self.data.eval_size),
+                 ("gram_size", c.gram_size)] + [(f"resolutions[{i}]", s) for i, g in enumerate(c.resolutions) for s in g[:3]]
+        for name, size in sizes:
             if size % p:
                 where = "data.eval_size" if name == "eval_size" else f"data.crops.{name}"
                 raise ValueError(f"{where} ({size}) must be a multiple of model.patch_size ({p})")
@@ -236,8 +239,80 @@ def tiny_v3() -> Recipe:
                         highres_scale=2.0)   # 233 steps per epoch on imagenette2-128/train at batch 32
     return recipe_from_dict(r.to_dict())
 
+def _dinov3(name: str, arch: str, stage: str = "pretrain") -> Recipe:
+    """DINOv3's ViT-7B recipe, one of its three stages, with backbone `arch`: `dinov3/configs/train/`
+    `dinov3_vit7b16_pretrain.yaml`, `..._gram_anchor.yaml` and `..._high_res_adapt.yaml`. Epochs and Gram iterations
+    are DINOv3's (an epoch = `OFFICIAL_EPOCH_LENGTH` = 1,000 iterations; ours is a pass over the data).
+    The Gram stage continues the pretraining run (`branch_run` + `--resume`, from 1M iterations on); the high-res
+    stage starts from its weights (`--set run.init_from=RUN_DIR`) with a new 30-epoch schedule."""
+    from dino_from_scratch.vit_v3 import dinov3_vit_config
+    crops = MultiCropConfig(global_size=256, local_size=112, n_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
+                            flip_p=0.0,                 # crops.horizontal_flips: false
+                            blur_p=(0.0, 0.9, 0.5))     # GaussianBlur(p) keeps with 1 - p, as in DINOv2 (DESIGN.md 3)
+    r = Recipe(
+        name=name,
+        data=DataConfig(batch_size=16, crops=crops),                                      # 16 per GPU x 256 GPUs
+        model=dinov3_vit_config(arch, img_size=256, drop_path_rate=0.4),                 # layerscale 1e-5, 4 storage tokens
+        head=HeadConfig(out_dim=262144, hidden_dim=8192, bottleneck_dim=512, norm_last_layer=False),
+        loss=DINOLossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=100,
+                            koleo_weight=0.1, centering="sinkhorn"),
+        optim=OptimConfig(epochs=1000, lr=5e-5, min_lr=5e-5, warmup_epochs=100, weight_decay=0.04, weight_decay_end=0.04,
+                          momentum_teacher=0.994, momentum_teacher_end=0.994, clip_grad=30.0, freeze_last_layer_epochs=5,
+                          betas=(0.9, 0.99), lr_scaling="sqrt4", layerwise_decay=0.98, patch_embed_lr_mult=0.2,
+                          clip_mode="module", schedule="constant"),
+        ibot=IBOTConfig(loss_weight=1.0, out_dim=98304, separate_head=True, centering="sinkhorn", hidden_dim=4096,
+                        bottleneck_dim=384),
+        gram=GramConfig(loss_weight=0.0),
+    )
+    d = r.to_dict()
+    if stage == "gram":        # dinov3_vit7b16_gram_anchor.yaml: 200 more epochs with Gram anchoring from epoch 1,000
+        d["optim"].update(epochs=1200, lr=3e-5, min_lr=3e-5, momentum_teacher=0.999, momentum_teacher_end=0.999)
+        d["loss"]["local_weight_schedule"] = dict(start=1.0, peak=1.0, end=0.5, warmup_epochs=1000, cosine_epochs=1)
+        d["gram"] = asdict(GramConfig(loss_weight=1.0, it_first_update=1_010_000, update_frequency=10_000, max_updates=3,
+                                      weight_schedule=dict(start=0.0, peak=0.0, end=2.0, warmup_epochs=1000, cosine_epochs=1)))
+        d["data"]["crops"].update(gram_size=512, gram_no_distortion=True)
+    elif stage == "highres":   # dinov3_vit7b16_high_res_adapt.yaml: 30 epochs of mixed resolutions, Gram weight 1.5
+        d["data"]["batch_size"] = 8
+        d["data"]["crops"]["resolutions"] = [[512, 112, 768, 0.3], [768, 112, 1152, 0.3], [768, 160, 1152, 0.3],
+                                             [768, 224, 1152, 0.05], [768, 336, 1152, 0.05]]  # global_local_crop_pairs_ratios
+        # (official local size 168 = 10.5 patches, whose last 8 px the patch convolution drops: 160 here)
+        d["data"]["crops"]["gram_size"] = 768
+        d["optim"].update(epochs=30, lr=1.25e-5, min_lr=1.25e-5, warmup_epochs=10, freeze_last_layer_epochs=0,
+                          momentum_teacher=0.999, momentum_teacher_end=0.999)  # official: a 10-epoch cosine ramp 0 -> 1.25e-5
+        d["loss"].update(teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0,
+                         local_weight_schedule=dict(start=0.5, peak=0.5, end=0.5))
+        d["gram"] = asdict(GramConfig(loss_weight=1.5, it_first_update=0, max_updates=1))  # the teacher it starts from, fixed
+    elif stage != "pretrain": raise ValueError(f"unknown DINOv3 stage {stage!r}: pretrain, gram or highres")
+    d["name"] = name
+    return recipe_from_dict(d)
+
+def dinov3_vit7b16() -> Recipe:
+    "DINOv3 ViT-7B/16 pretraining (`dinov3_vit7b16_pretrain.yaml`: 1M iterations, 256 GPUs x 16 images, constant schedules)."
+    return _dinov3("dinov3_vit7b16", "vit7b16")
+
+def dinov3_vit7b16_gram() -> Recipe:
+    "DINOv3 ViT-7B/16 Gram-anchoring stage (`dinov3_vit7b16_gram_anchor.yaml`), resumed from the pretraining run."
+    return _dinov3("dinov3_vit7b16_gram", "vit7b16", "gram")
+
+def dinov3_vit7b16_highres() -> Recipe:
+    "DINOv3 ViT-7B/16 high-resolution adaptation (`dinov3_vit7b16_high_res_adapt.yaml`), from the Gram stage's weights."
+    return _dinov3("dinov3_vit7b16_highres", "vit7b16", "highres")
+
+def dinov3_vitl16() -> Recipe:
+    "The ViT-7B pretraining recipe with a ViT-L/16 backbone (the released ViT-L/16 was distilled from 7B; this trains one)."
+    return _dinov3("dinov3_vitl16", "vitl16")
+
+def dinov3_vitl16_gram() -> Recipe:
+    "`dinov3_vitl16`'s Gram-anchoring stage (the 7B stage's settings)."
+    return _dinov3("dinov3_vitl16_gram", "vitl16", "gram")
+
+def dinov3_vitl16_highres() -> Recipe:
+    "`dinov3_vitl16`'s high-resolution stage (the 7B stage's settings)."
+    return _dinov3("dinov3_vitl16_highres", "vitl16", "highres")
+
 PRESETS = {f.__name__: f for f in (dinov1_vits16, dinov1_vitb16, tiny_v1, dinov2_vits14, dinov2_vitb14,
-                                   dinov2_vitl14, dinov2_vitg14, tiny_v2, tiny_v3)}
+                                   dinov2_vitl14, dinov2_vitg14, tiny_v2, tiny_v3, dinov3_vitl16, dinov3_vitl16_gram,
+                                   dinov3_vitl16_highres, dinov3_vit7b16, dinov3_vit7b16_gram, dinov3_vit7b16_highres)}
 
 def get_recipe(name_or_path: str) -> Recipe:
     "A preset by name, or a YAML file written by `save_recipe`."

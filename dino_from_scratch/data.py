@@ -85,7 +85,8 @@ class ImageDataset(Dataset):
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, n={len(self)}, classes={len(self.classes)})"
 
     def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (0, key)
+        "`key`: an index, (epoch, index), or (epoch, index, group) where `group` goes to the transform (a resolution group)."
+        epoch, i, *group = key if isinstance(key, tuple) else (0, key)
         try: img = load_rgb(self.sources[i])
         except BadImage as e:
             warnings.warn(f"skipping unreadable image {e}")
@@ -93,7 +94,7 @@ class ImageDataset(Dataset):
         if self.transform is None: return img, self.labels[i]
         with torch.random.fork_rng(devices=[]):  # item-seeded augmentation; the global RNG is left untouched
             torch.manual_seed(_item_seed(self.seed, epoch, i))
-            return self.transform(img), self.labels[i]
+            return self.transform(img, *group), self.labels[i]
 
     @classmethod
     def from_folder(cls, root, split=None, transform=None, **kw):
@@ -213,10 +214,21 @@ class MultiCropConfig:
     solarize_p: float = 0.2              # second global crop only
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    # --- DINOv3 (chapter 22) ---
+    gram_size: int = 0                   # an extra copy of each global crop for the Gram teacher (0: none; DINOv3 7B: 512)
+    gram_no_distortion: bool = True      # that copy skips colour/blur/solarize (DINOv3 `gram_teacher_no_distortions`)
+    resolutions: tuple = ()              # mixed-resolution batches: ((global, local, gram, ratio), ...), one drawn per batch
+                                         # (DINOv3 high-res stage: `global_local_crop_pairs_ratios`); () = the sizes above
 
     def __post_init__(self):
         for f in ("global_scale", "local_scale", "jitter", "blur_p", "blur_radius", "mean", "std"):
             setattr(self, f, tuple(getattr(self, f)))
+        self.resolutions = tuple(tuple(r) for r in self.resolutions)
+        for r in self.resolutions:
+            if len(r) != 4 or min(r[:2]) < 1 or r[2] < 0 or r[3] <= 0:
+                raise ValueError(f"crops.resolutions entries must be (global_size, local_size, gram_size, ratio) with "
+                                 f"positive sizes (gram_size 0 = none) and ratio > 0; got {r}")
+        if self.gram_size < 0: raise ValueError(f"crops.gram_size must be >= 0, got {self.gram_size}")
         def prob(name, v):
             if not 0 <= v <= 1: raise ValueError(f"crops.{name} must be a probability in [0, 1], got {v}")
         for n in ("flip_p", "jitter_p", "gray_p", "solarize_p"): prob(n, getattr(self, n))
@@ -239,24 +251,47 @@ class RandomGaussianBlur(torch.nn.Module):
         return img.filter(ImageFilter.GaussianBlur(radius=r))
 
 class MultiCrop:
-    "Turn one PIL image into `n_global + n_local` augmented tensors (global views first)."
+    """Turn one PIL image into `n_global + n_local` augmented tensors (global views first), plus, when
+    `gram_size` is set (DINOv3), one Gram-teacher copy of each global crop at the end: the same crop box at
+    `gram_size` pixels, without colour distortions. `group` picks an entry of `cfg.resolutions`."""
     def __init__(self, cfg: MultiCropConfig = MultiCropConfig()):
-        self.cfg = c = cfg
-        bicubic = T.InterpolationMode.BICUBIC
-        flip_color = [T.RandomHorizontalFlip(c.flip_p),
-                      T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_p),
-                      T.RandomGrayscale(c.gray_p)]
-        to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(c.mean, c.std)]
-        self.global1 = T.Compose([T.RandomResizedCrop(c.global_size, c.global_scale, interpolation=bicubic), *flip_color,
-                                  RandomGaussianBlur(c.blur_p[0], *c.blur_radius), *to_tensor])
-        self.global2 = T.Compose([T.RandomResizedCrop(c.global_size, c.global_scale, interpolation=bicubic), *flip_color,
-                                  RandomGaussianBlur(c.blur_p[1], *c.blur_radius), T.RandomSolarize(128, p=c.solarize_p), *to_tensor])
-        self.local = T.Compose([T.RandomResizedCrop(c.local_size, c.local_scale, interpolation=bicubic), *flip_color,
-                                RandomGaussianBlur(c.blur_p[2], *c.blur_radius), *to_tensor])
+        self.cfg = cfg
+        self.groups = [tuple(map(int, r[:3])) for r in cfg.resolutions] or [(cfg.global_size, cfg.local_size, cfg.gram_size)]
+        self._pipes = {}
 
-    def __call__(self, img) -> list[torch.Tensor]:
-        views = [self.global1(img) if i % 2 == 0 else self.global2(img) for i in range(self.cfg.n_global)]
-        return views + [self.local(img) for _ in range(self.cfg.n_local)]
+    def pipelines(self, group: int = 0) -> dict:
+        "The transforms of one resolution group (built once)."
+        if group in self._pipes: return self._pipes[group]
+        c, (g, l, gram) = self.cfg, self.groups[group]
+        bicubic = T.InterpolationMode.BICUBIC
+        color = [T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_p), T.RandomGrayscale(c.gray_p)]
+        to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(c.mean, c.std)]
+        big = max(g, gram)   # DINOv3 crops once at the larger size, then resizes for the student and the Gram teacher
+        to_g = [T.Resize(g, interpolation=bicubic)] if big != g else []
+        geo = T.Compose([T.RandomResizedCrop(big, c.global_scale, interpolation=bicubic), T.RandomHorizontalFlip(c.flip_p)])
+        post = [RandomGaussianBlur(c.blur_p[0], *c.blur_radius)], [RandomGaussianBlur(c.blur_p[1], *c.blur_radius),
+                                                                   T.RandomSolarize(128, p=c.solarize_p)]
+        self._pipes[group] = p = {
+            "geo": geo, "size": (g, gram),
+            # undistorted Gram crops: resize before the distortions (blur acts at the student's size); else after
+            "photo": [T.Compose([*(to_g if c.gram_no_distortion else []), *color, *extra, *to_tensor]) for extra in post],
+            "to_g": T.Compose(to_g or [T.Identity()]), "to_gram": T.Resize(gram, interpolation=bicubic) if gram else None,
+            "plain": T.Compose(to_tensor),
+            "local": T.Compose([T.RandomResizedCrop(l, c.local_scale, interpolation=bicubic), T.RandomHorizontalFlip(c.flip_p),
+                                *color, RandomGaussianBlur(c.blur_p[2], *c.blur_radius), *to_tensor])}
+        return p
+
+    def __call__(self, img, group: int = 0) -> list[torch.Tensor]:
+        p, c = self.pipelines(group), self.cfg
+        views, grams = [], []
+        for i in range(c.n_global):
+            base = p["geo"](img)                                   # crop box + flip, shared with the Gram copy
+            v = p["photo"][i % 2](base)
+            if p["to_gram"] is not None:
+                grams.append(p["plain"](p["to_gram"](base)) if c.gram_no_distortion else p["to_gram"](v))
+                if not c.gram_no_distortion: v = p["to_g"](v)
+            views.append(v)
+        return views + [p["local"](img) for _ in range(c.n_local)] + grams
 
 def collate_crops(batch):
     "Stack a list of (views, label) into (list of [B,3,H,W] per view, labels [B], number of skipped items)."

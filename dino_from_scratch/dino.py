@@ -78,6 +78,8 @@ class DINOLossConfig:
     centering: str = "softmax"             # "softmax": EMA center (DINOv1); "sinkhorn": Sinkhorn-Knopp (DINOv2, chapter 08);
                                            # "none": no centering (the collapse demo). true/false mean softmax/none.
     koleo_weight: float = 0.0              # KoLeo regulariser on the student's CLS (DINOv2 `dino.koleo_loss_weight`: 0.1; chapter 09)
+    local_weight_schedule: dict | None = None  # DINOv3 (chapters 19, 22): weight of the local-crop DINO term over training,
+                                           # {start, peak, end, warmup_epochs, cosine_epochs}; None = 1 (DINOv1/v2)
 
     def __post_init__(self):
         for f in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -86,6 +88,9 @@ class DINOLossConfig:
         if self.warmup_teacher_temp_epochs < 0: raise ValueError("loss.warmup_teacher_temp_epochs must be >= 0")
         if isinstance(self.centering, bool): self.centering = "softmax" if self.centering else "none"
         if self.koleo_weight < 0: raise ValueError(f"loss.koleo_weight must be >= 0, got {self.koleo_weight}")
+        if self.local_weight_schedule is not None:
+            from dino_from_scratch.schedules_v3 import ScheduleV2
+            ScheduleV2.from_dict(self.local_weight_schedule, "loss.local_weight_schedule")
         if self.centering not in ("softmax", "sinkhorn", "none"):
             raise ValueError(f"loss.centering must be 'softmax', 'sinkhorn' or 'none', got {self.centering!r}")
 

@@ -69,7 +69,9 @@ class DINOv2Trainer(Trainer):
         return nn.ModuleDict({"dino": DINOLoss(r.head.out_dim, r.loss), "ibot": IBOTPatchLoss(r.ibot)})
 
     def train_step(self, crops: list[torch.Tensor]) -> dict:
-        s, acc, r, G = self.step, self.acc, self.recipe, self.n_global
+        s, acc, r, G, L = self.step, self.acc, self.recipe, self.n_global, self.n_local
+        crops, gram_crops = crops[:G + L], crops[G + L:]   # DINOv3's Gram-teacher copies come last (chapter 22)
+        self.grid = crops[0].shape[-1] // r.model.patch_size   # per step: mixed-resolution batches change it
         torch.manual_seed(_item_seed(r.run.seed, s, 1000 + acc.process_index))   # step-seeded randomness
         dino_loss, ibot_loss = self.loss_fn["dino"], self.loss_fn["ibot"]
         # 1. schedules for this step
@@ -91,13 +93,14 @@ class DINOv2Trainer(Trainer):
         with acc.autocast():
             st = self.student_ddp(crops[:G], crops[G:], masks=masks, mask_indices=idx)
         # 5. the three terms: DINO on CLS tokens, iBOT on masked patches, KoLeo on each global crop's CLS
-        l_dino = dino_loss.loss_from_probs(st["cls_logits"], p_cls)
+        l_dino, dino_parts = self.dino_term(st["cls_logits"], p_cls)
         l_ibot = (ibot_loss.forward_masked(st["patch_logits"], p_patch, weight, n_images=masks.shape[0]) if use_ibot
                   else torch.zeros((), device=acc.device))
         l_koleo = sum(koleo_loss(c) for c in st["cls"]) if r.loss.koleo_weight else torch.zeros((), device=acc.device)
         loss = l_dino + r.ibot.loss_weight * l_ibot + r.loss.koleo_weight * l_koleo
-        extra = self.extra_terms(crops[:G], st)   # later generations add terms here (DINOv3's Gram loss, chapter 22)
+        extra = self.extra_terms(crops[:G], st, gram_crops)   # later generations add terms here (DINOv3's Gram loss, chapter 22)
         for name, (value, weight) in extra.items(): loss = loss + weight * value
+        dino_parts |= {f"{name}_weight": float(weight) for name, (_, weight) in extra.items()}
         self._check_finite(loss)
         if r.loss.centering == "softmax":   # EMA centers move after the loss, as in the official code
             dino_loss.update_center(t["cls_logits"])
@@ -113,10 +116,14 @@ class DINOv2Trainer(Trainer):
         self.step += 1
         # 8. metrics
         return {"step": self.step, "loss": loss.item(), "dino_loss": l_dino.item(), "ibot_loss": l_ibot.item(),
-                "koleo_loss": l_koleo.item(), "n_masked": m["n_masked"], **teacher_stats(p_cls), **h,
+                "koleo_loss": l_koleo.item(), "n_masked": m["n_masked"], **teacher_stats(p_cls), **h, **dino_parts,
                 **{name: value.item() for name, (value, _) in extra.items()}}
 
-    def extra_terms(self, global_crops: list[torch.Tensor], student_out: dict) -> dict:
+    def dino_term(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        "The DINO CLS loss (mean over all pairs of different views) and extra metrics; DINOv3 reweights it (chapter 22)."
+        return self.loss_fn["dino"].loss_from_probs(student_logits, teacher_probs), {}
+
+    def extra_terms(self, global_crops: list[torch.Tensor], student_out: dict, gram_crops: list[torch.Tensor] = ()) -> dict:
         "{name: (loss, weight)} added to the total; none in DINOv2."
         return {}
 

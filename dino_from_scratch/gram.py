@@ -64,8 +64,13 @@ class GramConfig:
     highres_scale: float = 2.0          # Gram teacher crop size / global crop size (512 / 256); 1 = same crops
     resize_mode: str = "bicubic"        # global_teacher_resize_method
     resize_antialias: bool = False      # global_teacher_resize_antialias
+    weight_schedule: dict | None = None # `loss_weight_schedule` {start, peak, end, warmup_epochs, cosine_epochs}: replaces
+                                        # loss_weight per iteration (7B Gram stage: 0 until epoch 1000, then up to 2.0)
 
     def __post_init__(self):
+        if self.weight_schedule is not None:
+            from dino_from_scratch.schedules_v3 import ScheduleV2
+            ScheduleV2.from_dict(self.weight_schedule, "gram.weight_schedule")
         if self.loss_weight < 0: raise ValueError(f"gram.loss_weight must be >= 0, got {self.loss_weight}")
         if self.update_frequency < 1: raise ValueError(f"gram.update_frequency must be >= 1, got {self.update_frequency}")
         if self.max_updates is not None and self.max_updates < 1: raise ValueError("gram.max_updates must be >= 1 or None")

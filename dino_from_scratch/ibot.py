@@ -26,6 +26,8 @@ class IBOTConfig:
     student_temp: float = 0.1        # iBOTPatchLoss(student_temp=0.1)
     center_momentum: float = 0.9     # iBOTPatchLoss(center_momentum=0.9)
     centering: str = "softmax"       # "softmax" (EMA center) | "sinkhorn" (train.centering: sinkhorn_knopp)
+    hidden_dim: int | None = None    # separate head's MLP width / bottleneck; None = the DINO head's
+    bottleneck_dim: int | None = None  # (DINOv3 7B: ibot.head_hidden_dim 4096, head_bottleneck_dim 384)
 
     def __post_init__(self):
         if not self.loss_weight >= 0: raise ValueError(f"ibot.loss_weight must be >= 0, got {self.loss_weight}")
@@ -39,7 +41,9 @@ class IBOTConfig:
 def build_ibot_head(in_dim: int, head: HeadConfig, cfg: IBOTConfig, dino_head: DINOHead | None = None) -> DINOHead:
     """The head that scores patch tokens: a new `DINOHead` shaped like `head` with `cfg.out_dim` prototypes
     (`cfg.separate_head`), or `dino_head` itself (shared, as in iBOT), whose prototype count must be `cfg.out_dim`."""
-    if cfg.separate_head: return DINOHead(in_dim, replace(head, out_dim=cfg.out_dim))
+    if cfg.separate_head:
+        return DINOHead(in_dim, replace(head, out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim or head.hidden_dim,
+                                        bottleneck_dim=cfg.bottleneck_dim or head.bottleneck_dim))
     if dino_head is None:
         raise ValueError("ibot.separate_head is False: the iBOT loss shares the DINO head, pass it as dino_head")
     if dino_head.cfg.out_dim != cfg.out_dim:

@@ -34,6 +34,15 @@ class ScheduleV2:
     warmup_epochs: float = 0
     cosine_epochs: float | None = None
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "schedule") -> "ScheduleV2":
+        "From a recipe's dict (YAML), with a clear error for missing or unknown keys."
+        need, known = {"start", "peak", "end"}, {"start", "peak", "end", "warmup_epochs", "cosine_epochs"}
+        if not isinstance(d, dict) or not need <= set(d) or set(d) - known:
+            raise ValueError(f"{where} must be a dict with keys start, peak, end (and optionally warmup_epochs, "
+                             f"cosine_epochs); got {d!r}")
+        return cls(**d)
+
     def values(self, epoch_len: int, total_epochs: float) -> np.ndarray:
         it = lambda e: int(round(e * epoch_len))
         return warmup_cosine_constant(self.start, self.peak, self.end, it(self.warmup_epochs), it(total_epochs),

@@ -53,9 +53,13 @@ def build_models(recipe: Recipe) -> tuple[DINOModel, DINOModel]:
 
 # %% ../nbs/05_train.ipynb #c9270c2c
 class StepBatches(torch.utils.data.Sampler):
-    "Batch sampler: from `start_step` on, this rank's slice of each global batch, as lists of (epoch, index)."
-    def __init__(self, n_items: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0):
+    """Batch sampler: from `start_step` on, this rank's slice of each global batch, as lists of (epoch, index).
+    With `ratios` (DINOv3 mixed resolutions) each step also draws a resolution group, the same on every rank and
+    a function of (seed, step) only, and yields (epoch, index, group)."""
+    def __init__(self, n_items: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0,
+                 ratios: tuple = ()):
         self.n, self.bs, self.rank, self.world, self.seed, self.start = n_items, batch_size, rank, world, seed, start_step
+        self.cum = np.cumsum(ratios) / np.sum(ratios) if len(ratios) else None
         self.global_bs = batch_size * world
         self.per_epoch = max(1, -(-n_items // self.global_bs) if n_items < self.global_bs else n_items // self.global_bs)
 
@@ -71,8 +75,17 @@ class StepBatches(torch.utils.data.Sampler):
             order = self.epoch_order(epoch)
             while k < self.per_epoch:
                 chunk = order[k * self.global_bs:(k + 1) * self.global_bs]
-                yield [(epoch, int(i)) for i in chunk[self.rank::self.world]]
+                if self.cum is None: yield [(epoch, int(i)) for i in chunk[self.rank::self.world]]
+                else:
+                    g = self.group(step)
+                    yield [(epoch, int(i), g) for i in chunk[self.rank::self.world]]
                 k += 1; step += 1
+
+    def group(self, step: int) -> int:
+        "The resolution group of `step` (0 without ratios)."
+        if self.cum is None: return 0
+        u = (_item_seed(self.seed, step, -2) >> 11) / 2**52          # uniform in [0, 1) from (seed, step)
+        return int(np.searchsorted(self.cum, u, side="right").clip(max=len(self.cum) - 1))
 
     def __len__(self): return 2**62
 
@@ -158,7 +171,9 @@ class Trainer:
         self.teacher.to(self.acc.device); self.loss_fn.to(self.acc.device)
         # schedules
         world = self.acc.num_processes
-        self.batches = StepBatches(len(dataset), r.data.batch_size, self.acc.process_index, world, r.run.seed)
+        self.batches = StepBatches(len(dataset), r.data.batch_size, self.acc.process_index, world, r.run.seed,
+                                   ratios=[g[3] for g in r.data.crops.resolutions])
+        self.n_local = r.data.crops.n_local   # crops after the global and local ones are DINOv3's Gram-teacher copies
         self.sched = Schedules(r.optim, r.loss, self.batches.per_epoch, r.data.batch_size * world)
         self.step, self.skipped, self.history = 0, 0, []
         if not (resume and self.resume()) and r.run.init_from: self.init_weights_from(r.run.init_from)
@@ -170,6 +185,7 @@ class Trainer:
     # ---------------------------------------------------------------- the train step
     def train_step(self, crops: list[torch.Tensor]) -> dict:
         s, acc = self.step, self.acc
+        crops = crops[:self.n_global + self.n_local]
         torch.manual_seed(_item_seed(self.recipe.run.seed, s, 1000 + acc.process_index))  # step-seeded randomness
         # 1. schedules for this step
         h = self.sched[s]
