@@ -17,12 +17,14 @@ from .schedules import OptimConfig, scaled_lr
 from .masking import MaskConfig
 from .ibot import IBOTConfig
 from .gram import GramConfig
+from .sharding import ShardConfig
 
 # %% auto #0
 __all__ = ['PRESETS', 'DataConfig', 'RunConfig', 'Recipe', 'recipe_from_dict', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1',
            'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'tiny_v2', 'tiny_v3', 'dinov3_vit7b16',
            'dinov3_vit7b16_gram', 'dinov3_vit7b16_highres', 'dinov3_vitl16', 'dinov3_vitl16_gram',
-           'dinov3_vitl16_highres', 'get_recipe', 'override', 'save_recipe', 'load_recipe', 'recipe_diff']
+           'dinov3_vitl16_highres', 'distill_tiny', 'distill_vits16_from_vitl16', 'get_recipe', 'override',
+           'save_recipe', 'load_recipe', 'recipe_diff']
 
 # %% ../nbs/04_config.ipynb #1c9783d7
 @dataclass
@@ -59,6 +61,11 @@ class RunConfig:
         for f in ("log_every", "ckpt_every", "keep_checkpoints", "knn_k"):
             if getattr(self, f) < 1: raise ValueError(f"run.{f} must be >= 1, got {getattr(self, f)}")
 
+def _distill_config(**kw):
+    "A `DistillConfig` (chapter 25), imported on first use: distill.py builds on the trainers, which import this module."
+    from dino_from_scratch.distill import DistillConfig
+    return DistillConfig(**kw)
+
 @dataclass
 class Recipe:
     "A complete training recipe. Sub-configs are validated on their own, cross-field rules here."
@@ -74,11 +81,15 @@ class Recipe:
     ibot: IBOTConfig = field(default_factory=lambda: IBOTConfig(loss_weight=0.0))
     # DINOv3 (chapters 21-22): Gram anchoring; off (loss_weight 0) in the DINOv1 and DINOv2 recipes
     gram: GramConfig = field(default_factory=lambda: GramConfig(loss_weight=0.0))
+    # sharding (chapter 23): DDP (every rank holds the whole model, the default) or FSDP2 (each rank holds 1/world of it)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    # distillation (chapter 25): a frozen teacher (distill.teacher) teaches this recipe's model; off unless distill.enabled
+    distill: DistillConfig = field(default_factory=_distill_config)
 
     def __post_init__(self):
         for f in fields(self):  # accept plain dicts (from YAML / JSON)
             v = getattr(self, f.name)
-            if isinstance(v, dict): setattr(self, f.name, _from_dict(_SUB[f.name], v, f.name))
+            if isinstance(v, dict): setattr(self, f.name, _from_dict(_section(f.name), v, f.name))
         p, c = self.model.patch_size, self.data.crops
         sizes = [("global_size", c.global_size), ("local_size", c.local_size), ("eval_size", self.data.eval_size),
                  ("gram_size", c.gram_size)] + [(f"resolutions[{i}]", s) for i, g in enumerate(c.resolutions) for s in g[:3]]
@@ -87,14 +98,17 @@ class Recipe:
                 where = "data.eval_size" if name == "eval_size" else f"data.crops.{name}"
                 raise ValueError(f"{where} ({size}) must be a multiple of model.patch_size ({p})")
         if self.ibot.loss_weight > 0:
-            if not self.model.mask_token:
-                raise ValueError("ibot.loss_weight > 0 needs a mask token: set model.mask_token=true")
+            if not self.model.mask_token and not (self.distill.enabled and not self.distill.mask_student):
+                raise ValueError("ibot.loss_weight > 0 needs a mask token: set model.mask_token=true")   # (an unmasked distilled student does not)
             if not self.ibot.separate_head and self.ibot.out_dim != self.head.out_dim:
                 raise ValueError(f"ibot.out_dim ({self.ibot.out_dim}) must equal head.out_dim ({self.head.out_dim}) "
                                  "when ibot.separate_head is false (the DINO head scores the patches)")
             if self.loss.centering != "none" and self.ibot.centering != self.loss.centering:
                 raise ValueError(f"ibot.centering ({self.ibot.centering!r}) must match loss.centering ({self.loss.centering!r}): "
                                  "DINOv2 centers both heads the same way (train.centering)")
+        if self.shard.strategy == "fsdp" and self.run.mixed_precision in ("bf16", "fp16"):
+            raise ValueError(f"run.mixed_precision={self.run.mixed_precision} does not combine with shard.strategy=fsdp: FSDP "
+                             "casts the weights itself; set shard.param_dtype instead (and run.mixed_precision=auto or no)")
         if self.uses_v2_terms and self.data.batch_size < 2:
             raise ValueError("data.batch_size must be >= 2 for KoLeo/iBOT (a nearest neighbour within the batch)")
 
@@ -112,7 +126,14 @@ class Recipe:
 
 # %% ../nbs/04_config.ipynb #49b40e13
 _SUB = {"data": DataConfig, "model": ViTConfig, "head": HeadConfig, "loss": DINOLossConfig, "optim": OptimConfig,
-        "run": RunConfig, "mask": MaskConfig, "ibot": IBOTConfig, "gram": GramConfig}
+        "run": RunConfig, "mask": MaskConfig, "ibot": IBOTConfig, "gram": GramConfig, "shard": ShardConfig}
+
+def _section(name: str):
+    "The dataclass of a recipe section (`DistillConfig` is imported on first use, see `_distill_config`)."
+    if name == "distill":
+        from dino_from_scratch.distill import DistillConfig
+        return DistillConfig
+    return _SUB[name]
 
 def _from_dict(cls, d: dict, where: str):
     "Build dataclass `cls` from `d`, refusing unknown keys with the list of valid ones."
@@ -134,7 +155,7 @@ def recipe_from_dict(d: dict) -> Recipe:
     valid = {f.name for f in fields(Recipe)}
     unknown = set(d) - valid
     if unknown: raise KeyError(f"unknown recipe section(s) {sorted(unknown)}; valid sections: {', '.join(sorted(valid))}")
-    return Recipe(**{k: (_from_dict(_SUB[k], v, k) if k in _SUB else v) for k, v in d.items()})
+    return Recipe(**{k: (_from_dict(_section(k), v, k) if k in _SUB or k == "distill" else v) for k, v in d.items()})
 
 # %% ../nbs/04_config.ipynb #21883c16
 def dinov1_vits16() -> Recipe:
@@ -310,9 +331,41 @@ def dinov3_vitl16_highres() -> Recipe:
     "`dinov3_vitl16`'s high-resolution stage (the 7B stage's settings)."
     return _dinov3("dinov3_vitl16_highres", "vitl16", "highres")
 
+def distill_tiny() -> Recipe:
+    """Chapter 25 at CPU scale: the trained `tiny_v2` run in runs/tiny_v2 (`dino-train --recipe tiny_v2`) teaches a
+    half-width student (embed 64, 0.25 M backbone parameters; the teacher has 0.9 M) with tiny_v2's objective, the
+    student unmasked, no Gram term, 3 epochs. `benchmarks/distill.py` compares it with the same student from scratch."""
+    d = tiny_v2().to_dict()
+    d["name"] = "distill_tiny"
+    d["model"]["embed_dim"] = 64
+    d["optim"]["epochs"] = 3
+    d["distill"] = asdict(_distill_config(enabled=True, teacher="runs/tiny_v2"))
+    return recipe_from_dict(d)
+
+def distill_vits16_from_vitl16() -> Recipe:
+    """DINOv3 distillation (`dinov3_vitl16_lvd1689m_distilled.yaml`, `MultiDistillationMetaArch`): a ViT-S/16 student
+    (`vits16`, drop-path 0) taught by the DINOv3 ViT-L/16 from official weights. Set `distill.teacher` to the weights
+    file (e.g. dinov3_vitl16_pretrain_lvd1689m-*.pth); official files hold no heads, so the teacher's DINO/iBOT heads
+    are new and frozen (chapter 25). Crops 256/112 x 8 and heads 262,144 / 98,304 prototypes as in `_dinov3`.
+    Schedules: the config's `schedules` section (what DINOv3 runs): lr a 10-epoch ramp 0 -> 5e-5 (x 4 sqrt(B/1024)),
+    then held; teacher temperature 0.07; weight decay 0.04; 20 epochs of 1,250 iterations. Differences: our ramp is
+    linear (theirs a cosine), and our constant schedule holds the EMA momentum at 0.994 (theirs goes to 1.0)."""
+    from dino_from_scratch.vit_v3 import dinov3_vit_config
+    d = _dinov3("distill_vits16_from_vitl16", "vits16").to_dict()
+    d["model"] = asdict(dinov3_vit_config("vits16", img_size=256, drop_path_rate=0.0))   # student.drop_path_rate: 0.0
+    d["data"]["batch_size"] = 40   # multidistillation.global_batch_size 1,920 over the ViT-S group's 48 GPUs
+    d["loss"].update(teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    d["optim"].update(epochs=20, lr=5e-5, min_lr=5e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.04,
+                      momentum_teacher=0.994, momentum_teacher_end=1.0, clip_grad=3.0, freeze_last_layer_epochs=0,
+                      betas=(0.9, 0.999), lr_scaling="sqrt4", layerwise_decay=0.99, patch_embed_lr_mult=0.2,
+                      schedule="constant")
+    d["distill"] = asdict(_distill_config(enabled=True, teacher="dinov3_vitl16_pretrain_lvd1689m.pth", teacher_source="official"))
+    return recipe_from_dict(d)
+
 PRESETS = {f.__name__: f for f in (dinov1_vits16, dinov1_vitb16, tiny_v1, dinov2_vits14, dinov2_vitb14,
                                    dinov2_vitl14, dinov2_vitg14, tiny_v2, tiny_v3, dinov3_vitl16, dinov3_vitl16_gram,
-                                   dinov3_vitl16_highres, dinov3_vit7b16, dinov3_vit7b16_gram, dinov3_vit7b16_highres)}
+                                   dinov3_vitl16_highres, dinov3_vit7b16, dinov3_vit7b16_gram, dinov3_vit7b16_highres, distill_tiny,
+                                   distill_vits16_from_vitl16)}
 
 def get_recipe(name_or_path: str) -> Recipe:
     "A preset by name, or a YAML file written by `save_recipe`."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #d044c060
 from __future__ import annotations
-import argparse, json, math, os, sys, time
+import argparse, json, math, os, shutil, sys, time
 from itertools import groupby
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .dino import DINOHead, DINOLoss, teacher_stats
 from .schedules import (Schedules, param_groups, set_optim_hparams, clip_gradients,
                                          cancel_last_layer_grads, ema_update)
 from .config import Recipe, get_recipe, override, PRESETS, save_recipe
+from . import sharding
 
 # %% auto #0
 __all__ = ['DINOModel', 'build_models', 'StepBatches', 'NonFiniteLoss', 'save_checkpoint', 'read_checkpoint', 'list_checkpoints',
@@ -151,8 +152,9 @@ class Trainer:
     def __init__(self, recipe: Recipe, out=None, dataset: ImageDataset | None = None, accelerator: Accelerator | None = None,
                  resume: bool = False, verbose: bool = True):
         self.recipe, r = recipe, recipe
+        self.sharded = r.shard.strategy == "fsdp"   # FSDP2 (chapter 23); the default "ddp" replicates the model
         mp = r.run.mixed_precision
-        if mp == "auto": mp = "bf16" if torch.cuda.is_available() else "no"
+        if mp == "auto": mp = "bf16" if torch.cuda.is_available() and not self.sharded else "no"  # FSDP casts by itself
         self.acc = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         self.verbose = verbose and self.acc.is_main_process
         self.out = Path(out or r.run.out or f"runs/{r.name}")
@@ -163,11 +165,12 @@ class Trainer:
         self.n_global = r.data.crops.n_global
         # models, loss, optimizer (same seed on every rank: identical initial weights)
         torch.manual_seed(r.run.seed)
-        self.student, self.teacher = self.build_models()
-        self.loss_fn = self.build_losses()
+        if self.sharded: self.shard_models()
+        else: self.student, self.teacher = self.build_models(); self.loss_fn = self.build_losses()
         groups = param_groups(self.student, r.optim.layerwise_decay, r.optim.patch_embed_lr_mult)
         opt = torch.optim.AdamW(groups, lr=0.0, betas=r.optim.betas)
-        self.student_ddp, self.opt = self.acc.prepare(self.student, opt)
+        if self.sharded: self.student_ddp, self.opt = self.student, opt   # FSDP2 modules need no DDP wrapper
+        else: self.student_ddp, self.opt = self.acc.prepare(self.student, opt)
         self.teacher.to(self.acc.device); self.loss_fn.to(self.acc.device)
         # schedules
         world = self.acc.num_processes
@@ -181,6 +184,21 @@ class Trainer:
     # what a later generation replaces (the DINOv2 trainer of chapter 12 overrides these and `train_step`)
     def build_models(self): return build_models(self.recipe)
     def build_losses(self) -> nn.Module: return DINOLoss(self.recipe.head.out_dim, self.recipe.loss)
+
+    def shard_models(self):
+        """FSDP2 (chapter 23): build the models on `meta`, shard them per block, allocate each rank's shards, then
+        initialise the student (seeded: the same weights on any world size) and copy it into the teacher and into
+        any ViT kept by the losses (DINOv3's Gram teacher, a copy of the teacher backbone)."""
+        r, dev = self.recipe, self.acc.device
+        with torch.device("meta"): self.student, self.teacher = self.build_models()
+        self.loss_fn = self.build_losses()
+        snapshots = [m for m in self.loss_fn.modules() if isinstance(m, VisionTransformer)]
+        mesh = sharding.device_mesh(dev)
+        sharding.shard_model(self.student, r.shard, mesh, dev)
+        for m in [self.teacher] + snapshots: sharding.shard_model(m, r.shard, mesh, dev, train=False).to_empty(device=dev)
+        sharding.materialize(self.student, dev, seed=r.run.seed)
+        sharding.copy_weights_(self.teacher, self.student)
+        for m in snapshots: sharding.copy_weights_(m, self.teacher.backbone)
 
     # ---------------------------------------------------------------- the train step
     def train_step(self, crops: list[torch.Tensor]) -> dict:
@@ -203,7 +221,8 @@ class Trainer:
         # 5. backward, clip, freeze the prototypes early on, optimizer step
         self.opt.zero_grad(set_to_none=True)
         acc.backward(loss)
-        if self.recipe.optim.clip_grad: clip_gradients(self.student, self.recipe.optim.clip_grad, self.recipe.optim.clip_mode)
+        clip = sharding.clip_gradients if self.sharded else clip_gradients   # FSDP: norms over all shards
+        if self.recipe.optim.clip_grad: clip(self.student, self.recipe.optim.clip_grad, self.recipe.optim.clip_mode)
         if s < self.sched.freeze_last_layer_steps: cancel_last_layer_grads(self.student)
         self.opt.step()
         # 6. EMA update of the teacher
@@ -275,6 +294,7 @@ class Trainer:
     def save(self):
         "Checkpoint the run (main process writes; everybody waits), keeping the newest `keep_checkpoints`."
         acc = self.acc
+        if self.sharded: return self._save_sharded()
         if not all(torch.isfinite(p).all() for p in self.student.parameters()):  # never write a poisoned checkpoint
             raise NonFiniteLoss(f"the weights became non-finite at step {self.step}; training stopped and {self._last_good()}.")
         if acc.is_main_process:
@@ -284,6 +304,22 @@ class Trainer:
                             self.loss_fn, self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt, meta)
             save_recipe(self.recipe, self.out/"recipe.yaml")
             for old in list_checkpoints(self.out)[self.recipe.run.keep_checkpoints:]: old.unlink()
+        acc.wait_for_everyone()
+
+    def _save_sharded(self):
+        "FSDP: every rank writes its shards into `step_*.dcp` (`sharding.consolidate_checkpoint` makes a full file of it)."
+        acc = self.acc
+        bad = torch.tensor(float(sum(not torch.isfinite(sharding.local(p)).all() for p in self.student.parameters())), device=acc.device)
+        if acc.num_processes > 1: bad = acc.reduce(bad, "sum")
+        if bad.item() > 0:
+            raise NonFiniteLoss(f"the weights became non-finite at step {self.step}; training stopped and {self._last_good()}.")
+        meta = {"step": self.step, "skipped": self.skipped, "recipe": self.recipe.to_dict(), "time": time.time()}
+        sharding.save_sharded_checkpoint(self.out/"checkpoints"/f"step_{self.step:07d}.dcp",
+                                         {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn},
+                                         self.student, self.opt, meta)
+        if acc.is_main_process:
+            save_recipe(self.recipe, self.out/"recipe.yaml")
+            for old in sharding.list_sharded_checkpoints(self.out)[self.recipe.run.keep_checkpoints:]: shutil.rmtree(old)
         acc.wait_for_everyone()
 
     def init_weights_from(self, path):
@@ -304,11 +340,12 @@ class Trainer:
             bad = sorted(k for k in set(own) | set(sd) if k not in own or k not in sd or own[k].shape != sd[k].shape)
             if bad: raise ValueError(f"run.init_from: {src} does not fit this recipe's model; mismatched tensors: {', '.join(bad[:8])}"
                                      + (" ..." if len(bad) > 8 else ""))
-            model.load_state_dict(sd)
+            sharding.load_full_state_dict(model, sd)   # sharded or not
         if self.verbose: print(f"[init] weights from {src}")
 
     def resume(self) -> bool:
         "Load the newest good checkpoint of `out` (if any) and continue from its step."
+        if self.sharded: return self._resume_sharded()
         found = latest_good_checkpoint(self.out, verbose=self.verbose)
         if found is None:
             if self.verbose: print(f"[resume] no checkpoint in {self.out}: starting from scratch")
@@ -321,12 +358,27 @@ class Trainer:
         opt = self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt
         _load_optimizer(opt, {k: v.to(dev) for k, v in tensors.items()}, meta["optimizer"])
         self.step, self.skipped = meta["step"], meta.get("skipped", 0)
+        self._continue_log(path)
+        return True
+
+    def _resume_sharded(self) -> bool:
+        "FSDP: load the newest complete `step_*.dcp` (any world size can read it)."
+        found = sharding.list_sharded_checkpoints(self.out)
+        if not found:
+            if self.verbose: print(f"[resume] no sharded checkpoint in {self.out}: starting from scratch")
+            return False
+        meta = sharding.load_sharded_checkpoint(found[0], {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn},
+                                                self.student, self.opt)
+        self.step, self.skipped = meta["step"], meta.get("skipped", 0)
+        self._continue_log(found[0])
+        return True
+
+    def _continue_log(self, path):
         if self.acc.is_main_process and (self.out/"metrics.jsonl").exists():  # drop log lines past the checkpoint
             lines = [l for l in (self.out/"metrics.jsonl").read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
             (self.out/"metrics.jsonl").write_text("".join(l + "\n" for l in lines))
         self.acc.wait_for_everyone()
         if self.verbose: print(f"[resume] continuing from {path} (step {self.step})")
-        return True
 
 # %% ../nbs/05_train.ipynb #25cb68a1
 def train_parser() -> argparse.ArgumentParser:
@@ -340,13 +392,20 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedules still follow the recipe's epochs)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time (a checkpoint is written)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--branch-from", default=None, metavar="RUN[:STEP]",
+                   help="start --out (a new directory) from a checkpoint of another run, its newest or the one at STEP, "
+                        "and continue it with this recipe: a later stage, e.g. Gram anchoring switched on (chapter 22)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override recipe fields, e.g. optim.lr=1e-3")
     p.add_argument("--no-eval", action="store_true", help="skip kNN evaluation and the figure at the end")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     return p
 
 def make_trainer(recipe: Recipe, **kw) -> Trainer:
-    "The trainer a recipe needs: DINOv2's (chapter 12) when iBOT or KoLeo are on, else DINOv1's. Keywords go to it."
+    """The trainer a recipe needs: distillation's (chapter 25) when distill.enabled, DINOv3's (chapter 22) with Gram
+    anchoring, DINOv2's (chapter 12) when iBOT or KoLeo are on, else DINOv1's. Keywords go to it."""
+    if recipe.distill.enabled:
+        from dino_from_scratch.distill import make_distill_trainer
+        return make_distill_trainer(recipe, **kw)
     if recipe.uses_v3_terms:
         from dino_from_scratch.dinov3 import DINOv3Trainer
         return DINOv3Trainer(recipe, **kw)
@@ -364,6 +423,19 @@ def main(argv=None):
         sys.exit(f"dino-train: error: {e.args[0] if e.args else e}")
     if args.print_recipe:
         import yaml; print(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False)); return
+    if args.branch_from:
+        if not args.out: sys.exit("dino-train: error: --branch-from needs --out (a new run directory)")
+        src, _, step = args.branch_from.rpartition(":")
+        src, step = (src, int(step)) if step.isdigit() and src else (args.branch_from, None)
+        ckpt = Path(args.out)/"checkpoints"
+        if int(os.environ.get("RANK", "0")) == 0:   # one process copies, the others wait for the copy
+            from dino_from_scratch.dinov3 import branch_run
+            try: branch_run(src, args.out, step)
+            except (FileNotFoundError, FileExistsError, ValueError) as e: sys.exit(f"dino-train: error: {e}")
+        else:
+            t0 = time.time()
+            while not list(ckpt.glob("step_*.safetensors")) and time.time() - t0 < 600: time.sleep(1)
+        args.resume = True
     try:
         tr = make_trainer(recipe, out=args.out, resume=args.resume)
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -374,8 +446,10 @@ def main(argv=None):
         sys.exit(f"dino-train: {e}")
     if tr.verbose: print(f"[train] {tr.step} steps done; run directory {tr.out} ({tr.skipped} unreadable images skipped)")
     if tr.acc.is_main_process and recipe.run.eval_at_end and not args.no_eval:
+        if tr.sharded: sharding.consolidate_checkpoint(tr.out)   # evaluation reads a full checkpoint
         from dino_from_scratch.eval import evaluate_run
-        evaluate_run(tr.out, data=recipe.data.path, k=recipe.run.knn_k)
+        for out in getattr(tr, "run_dirs", [tr.out]):   # distillation with several students: one run directory each
+            evaluate_run(out, data=recipe.data.path, k=recipe.run.knn_k)
     tr.acc.wait_for_everyone()
     tr.acc.end_training()
 

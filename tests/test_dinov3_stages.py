@@ -163,3 +163,19 @@ def test_bad_stage_configs_are_named():
         small("loss.local_weight_schedule={peak: 1}")
     with pytest.raises(ValueError, match="gram_size"):
         small("data.crops.gram_size=40")
+
+
+def test_cli_branch_from_continues_another_run_as_a_gram_stage(shared_data, tmp_path):
+    from dino_test_utils import make_small_folder
+    folder = make_small_folder(shared_data, tmp_path / "data")
+    sets = SMALL_OVERRIDES + ["ibot.out_dim=48", "optim.epochs=4", "optim.schedule=constant", "run.ckpt_every=2"]
+    common = ["--recipe", "tiny_v2", "--data", str(folder), "--no-eval"]
+    train.main(common + ["--out", str(tmp_path / "a"), "--max-steps", "2", "--set", *sets])
+    branch = common + ["--out", str(tmp_path / "b"), "--branch-from", f"{tmp_path / 'a'}:2", "--max-steps", "4",
+                       "--set", *sets, "gram.loss_weight=1.0", "gram.it_first_update=2"]
+    train.main(branch)
+    m = read_metrics(tmp_path / "b")
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and "gram_loss" not in m[0] and m[-1]["gram_loss"] > 0
+    with pytest.raises(SystemExit, match="already has checkpoints"): train.main(branch)
+    with pytest.raises(SystemExit, match="no checkpoint for step 3"):
+        train.main(common + ["--out", str(tmp_path / "c"), "--branch-from", f"{tmp_path / 'a'}:3"])
