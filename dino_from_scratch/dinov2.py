@@ -105,14 +105,8 @@ class DINOv2Trainer(Trainer):
         if r.loss.centering == "softmax":   # EMA centers move after the loss, as in the official code
             dino_loss.update_center(t["cls_logits"])
             if use_ibot: ibot_loss.update_center(t["patch_logits"])
-        # 6. backward, clip, freeze the prototypes early on, optimizer step
-        self.opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if r.optim.clip_grad: clip_gradients(self.student, r.optim.clip_grad, r.optim.clip_mode)
-        if s < self.sched.freeze_last_layer_steps: cancel_last_layer_grads(self.student)
-        self.opt.step()
-        # 7. EMA update of the teacher
-        ema_update(self.teacher, self.student, h["momentum"])
+        # 6. backward, clip, freeze the prototypes early on, optimizer step; 7. EMA update of the teacher (chapter 05)
+        self.optimizer_step(loss, h["momentum"])
         self.step += 1
         # 8. metrics
         return {"step": self.step, "loss": loss.item(), "dino_loss": l_dino.item(), "ibot_loss": l_ibot.item(),

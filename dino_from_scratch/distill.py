@@ -308,19 +308,17 @@ class DistillTrainer(DINOv2Trainer):
         l_koleo = sum(koleo_loss(c) for c in st["cls"]) if r.loss.koleo_weight else torch.zeros((), device=acc.device)
         loss = l_dino + r.ibot.loss_weight * l_ibot + r.loss.koleo_weight * l_koleo
         self._check_finite(loss)
-        # 5. backward, clip, freeze the prototypes early on, optimizer step
-        self.opt.zero_grad(set_to_none=True)
-        if self.group_mode: loss.backward()    # DDP over the group averages the gradients
-        else: acc.backward(loss)
-        if r.optim.clip_grad: clip_gradients(self.student, r.optim.clip_grad, r.optim.clip_mode)
-        if s < self.sched.freeze_last_layer_steps: cancel_last_layer_grads(self.student)
-        self.opt.step()
-        # 6. EMA of the student (the model evaluation reads); the distillation teacher never changes
-        ema_update(self.teacher, self.student, h["momentum"])
+        # 5. backward, clip, freeze the prototypes early on, optimizer step; 6. EMA of the student (the model
+        #    evaluation reads; kept as `self.teacher`). The distillation teacher never changes.
+        self.optimizer_step(loss, h["momentum"])
         self.step += 1
         # 7. metrics
         return {"step": self.step, "loss": loss.item(), "dino_loss": l_dino.item(), "ibot_loss": l_ibot.item(),
                 "koleo_loss": l_koleo.item(), "n_masked": targets["n_masked"], **teacher_stats(targets["p_cls"]), **h, **dino_parts}
+
+    def backward(self, loss):
+        if self.group_mode: loss.backward()    # DDP over the group averages the gradients
+        else: self.acc.backward(loss)
 
     # ---------------------------------------------------------------- around the step: one writer per student
     def log(self, m: dict):

@@ -218,18 +218,25 @@ class Trainer:
         stats = teacher_stats(self.loss_fn.teacher_probs(t_out, h["teacher_temp"]))
         loss = self.loss_fn(s_out, t_out, h["teacher_temp"])
         self._check_finite(loss)
-        # 5. backward, clip, freeze the prototypes early on, optimizer step
-        self.opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        clip = sharding.clip_gradients if self.sharded else clip_gradients   # FSDP: norms over all shards
-        if self.recipe.optim.clip_grad: clip(self.student, self.recipe.optim.clip_grad, self.recipe.optim.clip_mode)
-        if s < self.sched.freeze_last_layer_steps: cancel_last_layer_grads(self.student)
-        self.opt.step()
-        # 6. EMA update of the teacher
-        ema_update(self.teacher, self.student, h["momentum"])
+        # 5. backward, clip, freeze the prototypes early on, optimizer step; 6. EMA update of the teacher
+        self.optimizer_step(loss, h["momentum"])
         self.step += 1
         # 7. metrics
         return {"step": self.step, "loss": loss.item(), **stats, **h}
+
+    def backward(self, loss): self.acc.backward(loss)
+
+    def optimizer_step(self, loss, momentum: float):
+        """Steps 5-6 of every generation's train step: backward, clip (norms over all shards under FSDP), freeze the
+        prototypes early on, optimizer step, then the EMA update of the teacher with `momentum`."""
+        o = self.recipe.optim
+        self.opt.zero_grad(set_to_none=True)
+        self.backward(loss)
+        clip = sharding.clip_gradients if self.sharded else clip_gradients   # FSDP: norms over all shards
+        if o.clip_grad: clip(self.student, o.clip_grad, o.clip_mode)
+        if self.step < self.sched.freeze_last_layer_steps: cancel_last_layer_grads(self.student)
+        self.opt.step()
+        ema_update(self.teacher, self.student, momentum)
 
     # ---------------------------------------------------------------- around the step
     def _check_finite(self, loss):
