@@ -34,7 +34,7 @@ def run_arm(args):
     import torch
     torch.set_num_threads(1)
     from dino_from_scratch.config import override
-    from dino_from_scratch.train import make_trainer
+    from dino_from_scratch.cli import make_trainer
     r = recipe_for(args.student, args.epochs, args.data, args.seed)
     if args.arm == "distill":   # the same recipe with its distill section on: make_trainer picks the DistillTrainer
         r = override(r, ["distill.enabled=true", f"distill.teacher={json.dumps(str(args.teacher))}"])

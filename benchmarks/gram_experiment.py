@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dino_from_scratch.eval import load_backbone, knn_eval
 from dino_from_scratch.dense import seg_eval, load_seg_folder, prepare_images, default_seg_size
-from dino_from_scratch.train import list_checkpoints
+from dino_from_scratch.checkpoint import list_checkpoints
 
 
 @torch.no_grad()

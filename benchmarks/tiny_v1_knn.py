@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dino_from_scratch.config import get_recipe, override
-from dino_from_scratch.train import make_trainer
+from dino_from_scratch.cli import make_trainer
 from dino_from_scratch.eval import knn_eval, load_backbone, random_backbone
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dino_from_scratch.config import get_recipe, override
-from dino_from_scratch.train import make_trainer
+from dino_from_scratch.cli import make_trainer
 from dino_from_scratch.eval import knn_eval, load_backbone, random_backbone
 from dino_from_scratch.dense import seg_eval
 

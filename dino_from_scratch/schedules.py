@@ -30,7 +30,7 @@ def linear_then_constant(start: float, end: float, total_steps: int, ramp_steps:
     ramp_steps = min(int(ramp_steps), total_steps)
     return np.concatenate([np.linspace(start, end, ramp_steps, endpoint=False), np.full(total_steps - ramp_steps, end)])
 
-# %% ../nbs/03_schedules.ipynb #fbdd5e47
+# %% ../nbs/03_schedules.ipynb #a6a9dbe8
 @dataclass
 class OptimConfig:
     "Optimisation and schedules; defaults are DINOv1's ViT-S/16 recipe (`main_dino.py` and the README's command)."
@@ -92,11 +92,17 @@ class Schedules:
         self.teacher_temp = linear_then_constant(loss.warmup_teacher_temp, loss.teacher_temp, n,
                                                  round(loss.warmup_teacher_temp_epochs * spe))
         self.freeze_last_layer_steps = round(optim.freeze_last_layer_epochs * spe)
+        self.extra = {}   # more per-step values that later recipes schedule (DINOv3's loss weights, chapter 22)
     def __len__(self): return self.total
+    def add(self, name: str, values):
+        "Schedule one more per-step value (an array of `len(self)` numbers); `self[step]` then includes it."
+        values = np.asarray(values, dtype=float)
+        if len(values) < self.total: raise ValueError(f"schedule {name!r} has {len(values)} values for {self.total} steps")
+        self.extra[name] = values
     def __getitem__(self, step: int) -> dict:
         i = min(step, self.total - 1)
         return {"lr": float(self.lr[i]), "wd": float(self.wd[i]), "momentum": float(self.momentum[i]),
-                "teacher_temp": float(self.teacher_temp[i])}
+                "teacher_temp": float(self.teacher_temp[i])} | {k: float(v[i]) for k, v in self.extra.items()}
 
     def plot(self, axs=None):
         "Plot every schedule against epochs."

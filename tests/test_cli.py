@@ -54,7 +54,7 @@ def test_train_end_to_end(trained_run, small_folder):
     # 36 images / batch 8 -> 4 steps per epoch: epoch = step / 4
     assert [x["epoch"] for x in m] == [0.25, 0.5, 0.75, 1.0]
     # checkpoints at ckpt_every=2 and at the end; the newest is the last step
-    from dino_from_scratch.train import list_checkpoints, read_checkpoint
+    from dino_from_scratch.checkpoint import list_checkpoints, read_checkpoint
     ck = list_checkpoints(out)
     assert [c.name for c in ck] == ["step_0000004.safetensors", "step_0000002.safetensors"]
     tensors, meta = read_checkpoint(ck[0])
@@ -83,9 +83,9 @@ def test_train_end_to_end(trained_run, small_folder):
 
 def _main_json(capsys, argv) -> dict:
     "Run `dino-eval ARGV` in this process (the console script calls eval.main) and parse its single stdout line."
-    from dino_from_scratch import eval as ev
+    from dino_from_scratch import cli as ev
     capsys.readouterr()
-    ev.main([str(a) for a in argv])
+    ev.eval_main([str(a) for a in argv])
     return _one_json_line(capsys.readouterr().out)
 
 
@@ -128,14 +128,14 @@ def test_eval_knn_random_init(small_folder, capsys):
     m1 = random_backbone(r, 1)
     assert not torch.equal(m.pos_embed, m1.pos_embed)
     # --random-init without --recipe is refused with a message
-    from dino_from_scratch import eval as ev
+    from dino_from_scratch import cli
     with pytest.raises(SystemExit) as e:
-        ev.main(["knn", "--random-init", "--data", str(small_folder)])
+        cli.eval_main(["knn", "--random-init", "--data", str(small_folder)])
     assert "--recipe" in str(e.value.code)
 
 
 def test_cli_config_errors(small_folder, tmp_path):
-    from dino_from_scratch import train
+    from dino_from_scratch import cli
     # unknown recipe, through the installed command: non-zero exit, stderr lists the valid recipes
     p = run_cli("dino-train", "--recipe", "no_such_recipe", "--out", tmp_path / "a", "--no-eval")
     assert p.returncode != 0
@@ -147,7 +147,7 @@ def test_cli_config_errors(small_folder, tmp_path):
     # sys.exit(message) means exit status 1 and the message on stderr.
     def exit_message(*argv):
         with pytest.raises(SystemExit) as e:
-            train.main([str(a) for a in argv])
+            cli.main([str(a) for a in argv])
         assert isinstance(e.value.code, str) and e.value.code.startswith("dino-train: error:")
         return e.value.code
     # unknown field: the message names the bad field and the valid fields of its section

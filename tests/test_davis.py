@@ -236,9 +236,9 @@ def _fake_davis(root: Path, name="cat", n=3, masks=True):
 
 
 def _main_exit(argv) -> str:
-    from dino_from_scratch import eval as ev
+    from dino_from_scratch import cli as ev
     with pytest.raises(SystemExit) as e:
-        ev.main([str(a) for a in argv])
+        ev.eval_main([str(a) for a in argv])
     assert isinstance(e.value.code, str) and e.value.code.startswith("dino-eval: error:"), e.value.code
     return e.value.code
 

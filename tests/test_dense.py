@@ -33,9 +33,9 @@ def _one_json_line(stdout: str) -> dict:
 
 def _main_exit(argv) -> str:
     "Run `dino-eval ARGV` in this process, expecting sys.exit(message); return the message."
-    from dino_from_scratch import eval as ev
+    from dino_from_scratch import cli as ev
     with pytest.raises(SystemExit) as e:
-        ev.main([str(a) for a in argv])
+        ev.eval_main([str(a) for a in argv])
     assert isinstance(e.value.code, str) and e.value.code.startswith("dino-eval: error:"), e.value.code
     return e.value.code
 
@@ -136,8 +136,8 @@ def test_miou_by_hand():
 
 
 def test_knn_does_not_import_dense():
-    "dense is imported lazily: `dino-eval knn` and `linear` do not pay for it."
-    code = ("import sys; from dino_from_scratch import eval as ev; ev.eval_parser().parse_args(['seg']); "
+    "The k-NN / linear evaluation module (chapter 06) does not import the segmentation probe (chapter 13)."
+    code = ("import sys; from dino_from_scratch import eval; eval.knn_eval; "
             "assert 'dino_from_scratch.dense' not in sys.modules, 'eval imports dense eagerly'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO_ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dino_test_utils import SMALL_OVERRIDES, make_small_folder, run_cli, read_metrics, optimizer_of, one_thread, fresh as _fresh  # noqa: E402,F401
 
-from dino_from_scratch import data, train  # noqa: E402
+from dino_from_scratch import data, train, cli, checkpoint  # noqa: E402
 from dino_from_scratch.config import tiny_v2, override  # noqa: E402
 from dino_from_scratch.dinov2 import DINOv2Trainer  # noqa: E402
 
@@ -28,9 +28,9 @@ def small_v2(*extra):
 
 
 def test_recipe_picks_the_v2_trainer(train_images, tmp_path):
-    t = train.make_trainer(small_v2(), out=tmp_path, dataset=_fresh(train_images), verbose=False)
+    t = cli.make_trainer(small_v2(), out=tmp_path, dataset=_fresh(train_images), verbose=False)
     assert isinstance(t, DINOv2Trainer)
-    assert type(train.make_trainer(override(tiny_v2(), V2_SMALL + ["ibot.loss_weight=0", "loss.koleo_weight=0"]),
+    assert type(cli.make_trainer(override(tiny_v2(), V2_SMALL + ["ibot.loss_weight=0", "loss.koleo_weight=0"]),
                                    out=tmp_path / "b", dataset=_fresh(train_images), verbose=False)) is train.Trainer
 
 
@@ -39,7 +39,7 @@ def test_koleo_without_ibot_needs_no_masks(train_images, tmp_path):
     from dino_from_scratch.config import tiny_v1
     r = override(tiny_v1(), SMALL_OVERRIDES + ["loss.koleo_weight=0.1"])
     assert r.model.mask_token is False and r.ibot.loss_weight == 0
-    t = train.make_trainer(r, out=tmp_path, dataset=_fresh(train_images), verbose=False)
+    t = cli.make_trainer(r, out=tmp_path, dataset=_fresh(train_images), verbose=False)
     assert isinstance(t, DINOv2Trainer) and t.student.ibot_head is None
     assert not any(k.startswith("ibot_head") for k in t.student.state_dict())
     h = t.fit(max_steps=2, progress=False)
@@ -87,8 +87,8 @@ def test_cli_trains_tiny_v2_and_high_res_phase(shared_data, tmp_path):
                 f"run.init_from={tmp_path / 'low'}")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "[init] weights from" in p.stdout
-    low, _ = train.read_checkpoint(train.list_checkpoints(tmp_path / "low")[0])
-    high, _ = train.read_checkpoint(train.list_checkpoints(tmp_path / "high")[0])
+    low, _ = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "low")[0])
+    high, _ = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "high")[0])
     assert low["student.backbone.pos_embed"].shape[1] == 1 + 4 * 4 and high["student.backbone.pos_embed"].shape[1] == 1 + 8 * 8
     # a model that does not fit is refused with the names of the tensors
     p = run_cli("dino-train", "--recipe", "tiny_v2", "--out", tmp_path / "bad", "--max-steps", 1, *common,

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dino_test_utils import SMALL_OVERRIDES, read_metrics, one_thread, fresh as _fresh  # noqa: E402,F401
 
-from dino_from_scratch import data, train  # noqa: E402
+from dino_from_scratch import data, train, cli  # noqa: E402
 from dino_from_scratch.config import tiny_v2, override  # noqa: E402
 from dino_from_scratch.dinov3 import DINOv3Trainer  # noqa: E402
 
@@ -26,7 +26,7 @@ def small_v3(*extra):
 
 
 def test_recipe_picks_v3_and_refreshes_on_schedule(train_images, tmp_path):
-    t = train.make_trainer(small_v3(), out=tmp_path, dataset=_fresh(train_images), verbose=False)
+    t = cli.make_trainer(small_v3(), out=tmp_path, dataset=_fresh(train_images), verbose=False)
     assert isinstance(t, DINOv3Trainer)
     h = t.fit(max_steps=7, progress=False)
     assert [m["gram_loss"] == 0 for m in h] == [True, True, False, False, False, False, False]
@@ -74,14 +74,14 @@ def test_tiny_v3_preset_trains_and_resumes_with_rope(train_images, tmp_path):
     r = override(tiny_v3(), SMALL_OVERRIDES + ["ibot.out_dim=48", "optim.epochs=3", "gram.it_first_update=1",
                                                "gram.update_frequency=2"])
     assert r.model.pos_embed == "rope" and r.optim.schedule == "constant" and r.uses_v3_terms
-    a = train.make_trainer(r, out=tmp_path / "a", dataset=_fresh(train_images), verbose=False)
+    a = cli.make_trainer(r, out=tmp_path / "a", dataset=_fresh(train_images), verbose=False)
     h = a.fit(max_steps=4, progress=False)
     assert h[0]["gram_loss"] == 0 and all(m["gram_loss"] > 0 for m in h[1:])
     lrs = [m["lr"] for m in h]
     assert lrs[0] == 0 and len(set(lrs[1:])) == 1 and len({m["momentum"] for m in h}) == 1   # warm-up, then held
-    b = train.make_trainer(r, out=tmp_path / "b", dataset=_fresh(train_images), verbose=False)
+    b = cli.make_trainer(r, out=tmp_path / "b", dataset=_fresh(train_images), verbose=False)
     b.fit(max_steps=2, progress=False)
-    c = train.make_trainer(r, out=tmp_path / "b", dataset=_fresh(train_images), resume=True, verbose=False)
+    c = cli.make_trainer(r, out=tmp_path / "b", dataset=_fresh(train_images), resume=True, verbose=False)
     c.fit(max_steps=4, progress=False)
     for k, v in a.student.state_dict().items():
         assert torch.equal(v, c.student.state_dict()[k]), k

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dino_test_utils import SMALL_OVERRIDES, read_metrics, one_thread, fresh as _fresh  # noqa: E402,F401
 
-from dino_from_scratch import train  # noqa: E402
+from dino_from_scratch import train, cli  # noqa: E402
 from dino_from_scratch.config import tiny_v2, override, get_recipe, recipe_diff  # noqa: E402
 from dino_from_scratch.data import MultiCrop, MultiCropConfig, load_rgb  # noqa: E402
 from dino_from_scratch.dinov2 import DINOv2Trainer  # noqa: E402
-from dino_from_scratch.dinov3 import DINOv3Trainer, branch_run  # noqa: E402
+from dino_from_scratch.dinov3 import DINOv3Trainer
+from dino_from_scratch.checkpoint import branch_run  # noqa: E402
 from dino_from_scratch.train import StepBatches  # noqa: E402
 
 
@@ -82,33 +83,34 @@ def test_dinov3_dino_term_is_dinov2_at_local_weight_1_and_follows_the_schedule(t
     t = DINOv3Trainer(small("gram.loss_weight=1.0"), out=tmp_path, dataset=_fresh(train_images), verbose=False)
     torch.manual_seed(0)
     logits, probs = torch.randn(6, 4, 16), torch.softmax(torch.randn(2, 4, 16), -1)
-    v3, parts = t.dino_term(logits, probs)
+    tg = {"p_cls": probs, "metrics": {}}
+    v3, parts = t.dino_term(logits, tg), tg["metrics"]
     assert torch.allclose(v3, t.loss_fn["dino"].loss_from_probs(logits, probs), atol=1e-6)
     # by hand: 2 global pairs and 8 local pairs; local weight 0.5 halves the local share
     t2 = DINOv3Trainer(small("gram.loss_weight=1.0", "loss.local_weight_schedule={start: 0.5, peak: 0.5, end: 0.5}"),
                        out=tmp_path / "b", dataset=_fresh(train_images), verbose=False)
-    half, p2 = t2.dino_term(logits, probs)
+    tg2 = {"p_cls": probs, "metrics": {}}
+    half, p2 = t2.dino_term(logits, tg2), tg2["metrics"]
     assert p2["local_weight"] == 0.5
     assert abs(half.item() - (2 / 10 * parts["dino_global"] + 8 / 10 * 0.5 * parts["dino_local"])) < 1e-5
     # a schedule: 0 for the first 2 epochs, then a 1-epoch cosine to 2.0 (epochs of 2 steps here: 16 images / 8)
     t3 = DINOv3Trainer(small("gram.loss_weight=1.0", "gram.weight_schedule={start: 0, peak: 0, end: 2.0, warmup_epochs: 2, cosine_epochs: 1}"),
                        out=tmp_path / "c", dataset=_fresh(train_images), verbose=False)
     seen = []
-    for s in range(8):
-        t3.step = s; seen.append(t3.weight_at(t3.recipe.gram.weight_schedule, 1.0))
+    for s in range(8): seen.append(t3.sched[s]["gram_weight"])
     assert seen == [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
 
 
 def test_branching_a_run_into_a_gram_stage_with_real_gram_crops(train_images, tmp_path):
     base = small("run.ckpt_every=3")
-    src = train.make_trainer(base, out=tmp_path / "src", dataset=_fresh(train_images), verbose=False)
+    src = cli.make_trainer(base, out=tmp_path / "src", dataset=_fresh(train_images), verbose=False)
     assert type(src) is DINOv2Trainer
     src.fit(max_steps=3, progress=False)
     out = branch_run(tmp_path / "src", tmp_path / "gram", step=3)
     with pytest.raises(FileExistsError): branch_run(tmp_path / "src", out, step=3)
     with pytest.raises(FileNotFoundError): branch_run(tmp_path / "src", tmp_path / "x", step=2)
     stage = override(base, ["gram.loss_weight=1.0", "gram.it_first_update=3", "data.crops.gram_size=64"])
-    t = train.make_trainer(stage, out=out, dataset=_fresh(train_images), resume=True, verbose=False)
+    t = cli.make_trainer(stage, out=out, dataset=_fresh(train_images), resume=True, verbose=False)
     assert type(t) is DINOv3Trainer and t.step == 3 and int(t.loss_fn["gram"].n_updates) == 0
     for a, b in zip(t.student.parameters(), src.student.parameters()): assert torch.equal(a, b)   # same weights
     h = t.fit(max_steps=5, progress=False)
@@ -170,12 +172,12 @@ def test_cli_branch_from_continues_another_run_as_a_gram_stage(shared_data, tmp_
     folder = make_small_folder(shared_data, tmp_path / "data")
     sets = SMALL_OVERRIDES + ["ibot.out_dim=48", "optim.epochs=4", "optim.schedule=constant", "run.ckpt_every=2"]
     common = ["--recipe", "tiny_v2", "--data", str(folder), "--no-eval"]
-    train.main(common + ["--out", str(tmp_path / "a"), "--max-steps", "2", "--set", *sets])
+    cli.main(common + ["--out", str(tmp_path / "a"), "--max-steps", "2", "--set", *sets])
     branch = common + ["--out", str(tmp_path / "b"), "--branch-from", f"{tmp_path / 'a'}:2", "--max-steps", "4",
                        "--set", *sets, "gram.loss_weight=1.0", "gram.it_first_update=2"]
-    train.main(branch)
+    cli.main(branch)
     m = read_metrics(tmp_path / "b")
     assert [x["step"] for x in m] == [1, 2, 3, 4] and "gram_loss" not in m[0] and m[-1]["gram_loss"] > 0
-    with pytest.raises(SystemExit, match="already has checkpoints"): train.main(branch)
+    with pytest.raises(SystemExit, match="already has checkpoints"): cli.main(branch)
     with pytest.raises(SystemExit, match="no checkpoint for step 3"):
-        train.main(common + ["--out", str(tmp_path / "c"), "--branch-from", f"{tmp_path / 'a'}:3"])
+        cli.main(common + ["--out", str(tmp_path / "c"), "--branch-from", f"{tmp_path / 'a'}:3"])

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dino_test_utils import REPO_ROOT, VENV_BIN, cli_env, make_small_folder, optimizer_of, read_metrics, one_thread  # noqa: E402,F401
 
-from dino_from_scratch import data, train  # noqa: E402
+from dino_from_scratch import data, train, cli, checkpoint  # noqa: E402
 from dino_from_scratch.config import tiny_v2, override  # noqa: E402
 from dino_from_scratch.dinov2 import DINOv2Trainer  # noqa: E402
 from dino_from_scratch.distill import (DistillConfig, DistillTrainer, MultiDistillTrainer, load_teacher,  # noqa: E402
@@ -95,7 +95,7 @@ def test_student_recipes():
 # ------------------------------------------------------------------ the teacher
 def test_teacher_from_our_run_keeps_its_heads(teacher_run):
     model, note = load_teacher(teacher_run, student_recipe(), verbose=False)
-    tensors, _ = train.read_checkpoint(train.list_checkpoints(teacher_run)[0])
+    tensors, _ = checkpoint.read_checkpoint(checkpoint.list_checkpoints(teacher_run)[0])
     sd = model.state_dict()
     assert {k for k in sd} == {k[len("teacher."):] for k in tensors if k.startswith("teacher.")}
     assert all(torch.equal(sd[k], tensors["teacher." + k]) for k in sd)            # backbone AND both heads as trained
@@ -153,7 +153,7 @@ def test_distillation_moves_the_student_not_the_teacher(teacher_run, images, tmp
     assert torch.equal(tr.student.backbone.mask_token, student0["backbone.mask_token"])
     assert all(m["n_masked"] > 0 and m["ibot_loss"] > 0 for m in hist)              # ... yet has iBOT targets
     # the checkpoint: the student and its EMA, not the frozen teacher; the evaluation tools read the student's EMA
-    tensors, meta = train.read_checkpoint(train.list_checkpoints(tmp_path / "d")[0])
+    tensors, meta = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "d")[0])
     assert {k.split(".")[0] for k in tensors} == {"student", "teacher", "loss", "optim"}
     assert meta["distill"]["teacher"] == str(teacher_run)
     backbone, recipe = load_backbone(tmp_path / "d")
@@ -220,7 +220,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from dino_from_scratch import data
 from dino_from_scratch.config import tiny_v2, override
-from dino_from_scratch.train import make_trainer
+from dino_from_scratch.cli import make_trainer
 out, folder, teacher, sets = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 r = override(tiny_v2(), sets + ["distill.enabled=true", f"distill.teacher={teacher}",
                                 "distill.students=[{name: a, model: {}}, {name: b, model: {depth: 2}}]"])
@@ -239,12 +239,12 @@ def spy(feats, seed, part=None, total=None):
     if "p_cls" not in dump: dump.update(p_cls=t["p_cls"].clone(), feats_cls=feats["cls"].clone())
     return t
 tr.targets = spy
-shared = tr._shared_batch
+shared = tr.shared_batch
 def spy_batch(crops):
     res = shared(crops)
     if "crops0" not in dump: dump.update(crops0=res[0][0].clone(), crops1=res[0][1].clone())
     return res
-tr._shared_batch = spy_batch
+tr.shared_batch = spy_batch
 tr.fit(max_steps=2, progress=False)
 save_file({k: v.contiguous() for k, v in dump.items()}, str(out / f"rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps(record | {"rank": rank, "group": tr.group, "out": str(tr.out), "step": tr.step}))
@@ -301,10 +301,10 @@ def load_file_(path):
 def test_recipe_section_picks_the_trainer(teacher_run, images, tmp_path):
     from dino_from_scratch.config import save_recipe, load_recipe, get_recipe
     r = override(student_recipe(), ["distill.enabled=true", f"distill.teacher={teacher_run}"])
-    tr = train.make_trainer(r, out=tmp_path / "one", dataset=fresh(images), verbose=False)
+    tr = cli.make_trainer(r, out=tmp_path / "one", dataset=fresh(images), verbose=False)
     assert type(tr).__name__ == "DistillTrainer" and tr.cfg == r.distill
     r2 = override(r, ["distill.students=[{name: a, model: {depth: 2}}, {name: b}]"])
-    mt = train.make_trainer(r2, out=tmp_path / "two", dataset=fresh(images), verbose=False)
+    mt = cli.make_trainer(r2, out=tmp_path / "two", dataset=fresh(images), verbose=False)
     assert type(mt).__name__ == "MultiDistillTrainer" and [t.out.name for t in mt.trainers] == ["a", "b"]
     save_recipe(r2, tmp_path / "r.yaml")
     assert load_recipe(tmp_path / "r.yaml") == r2                                    # the section survives YAML
@@ -324,8 +324,8 @@ def test_dino_train_distills_and_resumes(teacher_run, shared_data, tmp_path):
     folder = make_small_folder(shared_data, tmp_path / "data")                     # 36 images: 4 steps per epoch
     sets = SMALL_V2 + ["model.embed_dim=16", "distill.enabled=true", f"distill.teacher={teacher_run}"]
     args = ["--recipe", "tiny_v2", "--data", str(folder), "--out", str(tmp_path / "run"), "--no-eval"]
-    train.main(args + ["--max-steps", "2", "--set", *sets])
-    train.main(args + ["--max-steps", "3", "--resume", "--set", *sets])
+    cli.main(args + ["--max-steps", "2", "--set", *sets])
+    cli.main(args + ["--max-steps", "3", "--resume", "--set", *sets])
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
-    _, meta = train.read_checkpoint(train.list_checkpoints(tmp_path / "run")[0])
+    _, meta = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "run")[0])
     assert meta["step"] == 3 and meta["recipe"]["distill"]["enabled"] and meta["recipe"]["model"]["embed_dim"] == 16

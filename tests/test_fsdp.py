@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dino_test_utils import REPO_ROOT, VENV_BIN, cli_env, make_small_folder, one_thread  # noqa: E402,F401
 
-from dino_from_scratch import sharding  # noqa: E402
+from dino_from_scratch import sharding, cli  # noqa: E402
 from dino_from_scratch.sharding import ShardConfig  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_step.py"
@@ -277,11 +277,11 @@ def test_fsdp_trainer_matches_the_ddp_trainer_in_one_process(shared_data, tmp_pa
             "gram.update_frequency=2"]
     full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
     try:
-        tf = train.make_trainer(config.override(config.tiny_v3(), sets + ["shard.strategy=fsdp", "shard.checkpointing=selective"]),
+        tf = cli.make_trainer(config.override(config.tiny_v3(), sets + ["shard.strategy=fsdp", "shard.checkpointing=selective"]),
                                 out=tmp_path / "fsdp", dataset=fresh(), verbose=False)
         assert tf.sharded and all(hasattr(p, "to_local") for p in tf.student.parameters())
         init = {k: full(v).clone() for k, v in tf.student.state_dict().items()}
-        td = train.make_trainer(config.override(config.tiny_v3(), sets), out=tmp_path / "ddp", dataset=fresh(), verbose=False)
+        td = cli.make_trainer(config.override(config.tiny_v3(), sets), out=tmp_path / "ddp", dataset=fresh(), verbose=False)
         assert not td.sharded and type(td) is type(tf)
         td.student.load_state_dict(init); td.teacher.load_state_dict(init)
         td.loss_fn["gram"].backbone.load_state_dict(td.teacher.backbone.state_dict())

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dino_test_utils import (SMALL_OVERRIDES, small_recipe, make_small_folder, run_cli, read_metrics,  # noqa: E402
                              optimizer_of, one_thread)
 
-from dino_from_scratch import data, dino, train  # noqa: E402
+from dino_from_scratch import data, dino, train, checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def _assert_same_state(a, b):
         assert sa.keys() == sb.keys()
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs"
-    assert torch.equal(a.loss_fn.center, b.loss_fn.center)
+    assert torch.equal(a.loss_fn["dino"].center, b.loss_fn["dino"].center)
     oa, ob = optimizer_of(a).state_dict(), optimizer_of(b).state_dict()
     assert oa["state"].keys() == ob["state"].keys() and len(oa["state"]) > 0
     for pid in oa["state"]:
@@ -72,8 +72,8 @@ def test_resume_is_bit_identical(train_images, tmp_path, num_workers):
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
     # and the final checkpoints hold the same tensors
-    ta, _ = train.read_checkpoint(train.list_checkpoints(tmp_path / "straight")[0])
-    tb, _ = train.read_checkpoint(train.list_checkpoints(tmp_path / "split")[0])
+    ta, _ = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "straight")[0])
+    tb, _ = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "split")[0])
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
@@ -84,14 +84,14 @@ def test_resume_through_cli(shared_data, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_cli("dino-train", *common[:4], "--out", tmp_path / "split", "--max-steps", 3, *common[4:])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert train.list_checkpoints(tmp_path / "split")[0].name == "step_0000003.safetensors"
+    assert checkpoint.list_checkpoints(tmp_path / "split")[0].name == "step_0000003.safetensors"
     p = run_cli("dino-train", *common[:4], "--out", tmp_path / "split", "--resume", "--max-steps", 6, *common[4:])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "step_0000003.safetensors (step 3)" in p.stdout
 
-    ca, cb = train.list_checkpoints(tmp_path / "straight")[0], train.list_checkpoints(tmp_path / "split")[0]
+    ca, cb = checkpoint.list_checkpoints(tmp_path / "straight")[0], checkpoint.list_checkpoints(tmp_path / "split")[0]
     assert ca.name == cb.name == "step_0000006.safetensors"
-    (ta, ma), (tb, mb) = train.read_checkpoint(ca), train.read_checkpoint(cb)
+    (ta, ma), (tb, mb) = checkpoint.read_checkpoint(ca), checkpoint.read_checkpoint(cb)
     assert ma["step"] == mb["step"] == 6
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -110,16 +110,16 @@ def test_truncated_checkpoint_falls_back(train_images, tmp_path, capsys):
     out = tmp_path / "run"
     t = train.Trainer(r, out=out, dataset=_fresh(train_images), verbose=False)
     t.fit(max_steps=4, progress=False)
-    newest, older = train.list_checkpoints(out)
+    newest, older = checkpoint.list_checkpoints(out)
     assert (newest.name, older.name) == ("step_0000004.safetensors", "step_0000002.safetensors")
     # read_checkpoint's tensors are memory-mapped views of the file (safetensors load_file): copy them
     # before the file is cut short in place, or reading them later raises SIGBUS
-    good4 = {k: v.clone() for k, v in train.read_checkpoint(newest)[0].items()}
-    good2 = {k: v.clone() for k, v in train.read_checkpoint(older)[0].items()}
+    good4 = {k: v.clone() for k, v in checkpoint.read_checkpoint(newest)[0].items()}
+    good2 = {k: v.clone() for k, v in checkpoint.read_checkpoint(older)[0].items()}
     raw = newest.read_bytes()
     newest.write_bytes(raw[: int(len(raw) * 0.4)])                 # cut short, as by a crash mid-copy
     with pytest.raises(ValueError, match="step_0000004"):
-        train.read_checkpoint(newest)
+        checkpoint.read_checkpoint(newest)
 
     capsys.readouterr()
     t2 = train.Trainer(r, out=out, dataset=_fresh(train_images), resume=True, verbose=True)
@@ -130,19 +130,19 @@ def test_truncated_checkpoint_falls_back(train_images, tmp_path, capsys):
     assert all(torch.equal(sd[k[len("student."):]], v) for k, v in good2.items() if k.startswith("student."))
     # training on from the older checkpoint reproduces the lost step-4 state exactly
     t2.fit(max_steps=4, progress=False)
-    redone, _ = train.read_checkpoint(train.list_checkpoints(out)[0])
+    redone, _ = checkpoint.read_checkpoint(checkpoint.list_checkpoints(out)[0])
     assert redone.keys() == good4.keys()
     assert [k for k in good4 if not torch.equal(redone[k], good4[k])] == []
 
 
 def _nan_after(monkeypatch, n_good: int):
-    "Make DINOLoss return NaN from call n_good + 1 on (the loss of 0-based step n_good)."
-    orig, calls = dino.DINOLoss.forward, {"n": 0}
-    def forward(self, student_out, teacher_out, teacher_temp):
+    "Make the DINO loss return NaN from call n_good + 1 on (the loss of 0-based step n_good)."
+    orig, calls = dino.DINOLoss.loss_from_probs, {"n": 0}
+    def loss_from_probs(self, student_out, p_t):
         calls["n"] += 1
-        loss = orig(self, student_out, teacher_out, teacher_temp)
+        loss = orig(self, student_out, p_t)
         return loss * float("nan") if calls["n"] > n_good else loss
-    monkeypatch.setattr(dino.DINOLoss, "forward", forward)
+    monkeypatch.setattr(dino.DINOLoss, "loss_from_probs", loss_from_probs)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(train_images, tmp_path, monkeypatch):
@@ -150,19 +150,19 @@ def test_nan_loss_stops_with_last_good_checkpoint(train_images, tmp_path, monkey
     out = tmp_path / "run"
     t = train.Trainer(r, out=out, dataset=_fresh(train_images), verbose=False)
     _nan_after(monkeypatch, 3)
-    with pytest.raises(train.NonFiniteLoss) as e:
+    with pytest.raises(checkpoint.NonFiniteLoss) as e:
         t.fit(progress=False)
     msg = str(e.value)
     good = out / "checkpoints" / "step_0000002.safetensors"
     assert t.step == 3                                              # 3 steps done, the 4th produced NaN
     assert "nan" in msg and "step 4" in msg                         # the 4th step (1-based, as in metrics.jsonl) failed
     assert str(good) in msg
-    assert [c.name for c in train.list_checkpoints(out)] == ["step_0000002.safetensors"]
+    assert [c.name for c in checkpoint.list_checkpoints(out)] == ["step_0000002.safetensors"]
     # the metrics hold the 3 good steps only
     m = read_metrics(out)
     assert [x["step"] for x in m] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in m)
     # the named checkpoint loads, is finite, and resuming from it works
-    tensors, meta = train.read_checkpoint(good)
+    tensors, meta = checkpoint.read_checkpoint(good)
     assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values())
     monkeypatch.undo()
     t2 = train.Trainer(r, out=out, dataset=_fresh(train_images), resume=True, verbose=False)
@@ -181,10 +181,10 @@ def test_nan_loss_cli(shared_data, tmp_path):
     assert "Traceback" not in p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("dino-train:") and ("nan" in last or "non-finite" in last)
-    kept = train.list_checkpoints(out)
+    kept = checkpoint.list_checkpoints(out)
     assert kept and kept[0].name in ("step_0000001.safetensors", "step_0000002.safetensors")
     assert str(kept[0]) in last                                      # the message names the checkpoint that was kept
-    tensors, meta = train.read_checkpoint(kept[0])
+    tensors, meta = checkpoint.read_checkpoint(kept[0])
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("student."))  # and it is really good
     assert f"step {meta['step'] + 1}" in last                        # the failing step is the one after it
 
@@ -194,7 +194,7 @@ def test_checkpoints_never_unpickle(train_images, tmp_path, monkeypatch):
     out = tmp_path / "run"
     t = train.Trainer(r, out=out, dataset=_fresh(train_images), verbose=False)
     t.fit(max_steps=2, progress=False)
-    ck = train.list_checkpoints(out)[0]
+    ck = checkpoint.list_checkpoints(out)[0]
 
     # the file is plain safetensors: an 8-byte little-endian header length, a JSON header, raw tensor bytes
     raw = ck.read_bytes()
@@ -206,8 +206,8 @@ def test_checkpoints_never_unpickle(train_images, tmp_path, monkeypatch):
     from safetensors import safe_open
     with safe_open(str(ck), "pt") as f:
         keys = set(f.keys())
-        assert "loss.center" in keys and "student.backbone.cls_token" in keys
-        assert torch.equal(f.get_tensor("loss.center"), t.loss_fn.center)
+        assert "loss.dino.center" in keys and "student.backbone.cls_token" in keys
+        assert torch.equal(f.get_tensor("loss.dino.center"), t.loss_fn["dino"].center)
 
     def refuse(*a, **k):
         raise AssertionError("a checkpoint load went through pickle")
@@ -216,8 +216,8 @@ def test_checkpoints_never_unpickle(train_images, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(torch.serialization, "load", refuse)
 
-    tensors, meta = train.read_checkpoint(ck)
-    assert meta["step"] == 2 and torch.equal(tensors["loss.center"], t.loss_fn.center)
+    tensors, meta = checkpoint.read_checkpoint(ck)
+    assert meta["step"] == 2 and torch.equal(tensors["loss.dino.center"], t.loss_fn["dino"].center)
     t2 = train.Trainer(r, out=out, dataset=_fresh(train_images), resume=True, verbose=False)
     assert t2.step == 2
     _assert_same_state(t, t2)

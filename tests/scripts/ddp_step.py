@@ -42,7 +42,7 @@ hist = tr.fit(max_steps=STEPS, progress=False)
 
 final = {f"final.student.{k}": v.detach().cpu().contiguous() for k, v in tr.student.state_dict().items()}
 final |= {f"final.teacher.{k}": v.detach().cpu().contiguous() for k, v in tr.teacher.state_dict().items()}
-final["final.center"] = tr.loss_fn.center.detach().cpu().contiguous()
+final["final.center"] = tr.loss_fn["dino"].center.detach().cpu().contiguous()
 save_file({**initial, **final}, str(out / f"rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps({
     "rank": rank, "world": world, "step": tr.step, "seen": RecordingDataset.seen,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dino_from_scratch import config, data, sharding, train
+from dino_from_scratch import config, data, sharding, train, cli
 
 out, data_dir, max_steps, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 resume = "--resume" in sys.argv[5:]
@@ -26,7 +26,7 @@ recipe = config.override(config.tiny_v3(), [
     "run.log_every=1", "run.ckpt_every=100", "run.keep_checkpoints=5", "gram.it_first_update=1", "gram.update_frequency=2",
     "shard.strategy=fsdp", *extra])
 ds = data.ImageDataset.from_folder(data_dir, "train")
-tr = train.make_trainer(recipe, out=out / "run", dataset=ds, verbose=False, resume=resume)
+tr = cli.make_trainer(recipe, out=out / "run", dataset=ds, verbose=False, resume=resume)
 rank, world = tr.acc.process_index, tr.acc.num_processes
 start = tr.step
 hist = tr.fit(max_steps=max_steps, progress=False)
