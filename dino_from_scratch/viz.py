@@ -5,7 +5,7 @@
 # %% ../nbs/16_explore.ipynb #9cf25e75
 from __future__ import annotations
 import hashlib, io, os, time, weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -14,17 +14,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from PIL import Image
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, BadImage, load_rgb, list_images
+from .config import get_recipe
+from .eval import load_backbone, random_backbone
 from .vit import cls_attention_maps as _vit_cls_attention
 
 # %% auto #0
 __all__ = ['load_image', 'prepare_image', 'image_tensor', 'patch_similarity', 'patch_size_of', 'num_layers', 'patch_features',
            'image_id', 'FeatureCache', 'pca_project', 'border_mask', 'pca_rgb', 'foreground_mask', 'cls_attention_maps',
            'attention_mass_mask', 'colorize', 'upsample', 'overlay', 'mark_patch', 'to_png', 'resolve_backbone',
-           'default_viz_folder', 'image_sources', 'PatchSimilarityWidget', 'show_similarity', 'show_pca',
-           'show_attention']
+           'default_run', 'default_models', 'default_viz_folder', 'short_names', 'image_sources',
+           'PatchSimilarityWidget', 'colorbar_html', 'show_similarity', 'show_pca', 'show_attention']
 
 # %% ../nbs/16_explore.ipynb #58dfdd81
 def _array_to_pil(a) -> Image.Image:
@@ -314,13 +317,8 @@ def resolve_backbone(spec) -> nn.Module:
     "A backbone (eval mode) from a module, a run directory / checkpoint, 'random:<recipe>' or a callable."
     if isinstance(spec, (str, Path)):
         s = str(spec)
-        if s.startswith("random:"):
-            from dino_from_scratch.config import get_recipe
-            from dino_from_scratch.eval import random_backbone
-            return random_backbone(get_recipe(s[len("random:"):]))
-        if Path(s).exists():
-            from dino_from_scratch.eval import load_backbone
-            return load_backbone(s)[0]
+        if s.startswith("random:"): return random_backbone(get_recipe(s[len("random:"):]))
+        if Path(s).exists(): return load_backbone(s)[0]
         raise ValueError(f"model spec {s!r}: not an existing run directory / checkpoint, nor 'random:<recipe>'")
     if callable(spec) and not isinstance(spec, nn.Module): spec = spec()
     if not hasattr(spec, "forward_features"):
@@ -328,293 +326,400 @@ def resolve_backbone(spec) -> nn.Module:
     patch_size_of(spec)
     return spec.eval() if isinstance(spec, nn.Module) else spec
 
+def _checkout() -> Path:
+    "The folder holding the package (the repository root in a checkout)."
+    return Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd().parent
+
+def _has_checkpoint(run: Path) -> bool: return any((Path(run)/"checkpoints").glob("*.safetensors"))
+
+def default_run(recipe: str = "tiny_v1") -> Path | None:
+    """The trained run to show: `$DINO_TRAINED_RUN`, else `runs/<recipe>` (what `dino-train --recipe <recipe>`
+    writes) under the working directory, its parent (from `nbs/`) or the checkout; None when none has a checkpoint."""
+    env = os.environ.get("DINO_TRAINED_RUN")
+    if env:
+        if not _has_checkpoint(env): raise FileNotFoundError(f"DINO_TRAINED_RUN={env}: no checkpoints/*.safetensors there")
+        return Path(env)
+    for root in (Path.cwd(), Path.cwd().parent, _checkout()):
+        if _has_checkpoint(root/"runs"/recipe): return root/"runs"/recipe
+    return None
+
+def default_models(recipe: str = "tiny_v1") -> dict:
+    "The widget's default models: the trained `default_run(recipe)` if there is one, and the same recipe at random init."
+    run = default_run(recipe)
+    return ({f"trained ({run.parent.name}/{run.name})": run} if run else {}) | {f"random init {recipe}": f"random:{recipe}"}
+
 def default_viz_folder() -> Path:
     "`$DINO_VIZ_DATA`, else `shared/data/imagenette2-224-viz` beside the repository checkout."
     if os.environ.get("DINO_VIZ_DATA"): return Path(os.environ["DINO_VIZ_DATA"])
-    import dino_from_scratch
-    return Path(dino_from_scratch.__file__).resolve().parents[2]/"shared"/"data"/"imagenette2-224-viz"
+    return _checkout().parent/"shared"/"data"/"imagenette2-224-viz"
+
+def short_names(files: list, root) -> dict:
+    "name -> file with short names, `folder/stem` (for class folders: `class/stem`); the relative path where two collide."
+    names = [f"{f.parent.name}/{f.stem}" if f.parent != Path(root) else f.stem for f in map(Path, files)]
+    dup = {n for n, k in Counter(names).items() if k > 1}
+    return {(Path(f).relative_to(root).as_posix() if n in dup else n): Path(f) for n, f in zip(names, files)}
 
 def image_sources(images=None) -> dict:
-    "name -> image source from a folder (recursively), a dict, a list of sources, or one source."
+    "name -> image source from a folder (recursively, short names), a dict, a list of sources, or one source."
     if images is None: images = default_viz_folder()
     if isinstance(images, dict): return dict(images)
     if isinstance(images, (str, Path)) and Path(images).is_dir():
         files = list_images(images)[0]
         if not files: raise FileNotFoundError(f"no image files under {images}")
-        return {str(f.relative_to(images)): f for f in files}
+        return short_names(files, images)
     if isinstance(images, (list, tuple)):
         return {(Path(s).name if isinstance(s, (str, Path)) else f"image {i}"): s for i, s in enumerate(images)}
     return {Path(images).name if isinstance(images, (str, Path)) else "image": images}
 
-# %% ../nbs/16_explore.ipynb #638be075
+# %% ../nbs/16_explore.ipynb #6f2c5596
 class PatchSimilarityWidget:
-    "Click a patch, see its cosine similarity to every patch of this image and of a second one; also PCA and attention views."
+    """Click a patch of image A: its cosine similarity to every patch of A and of a second image B. Two more views:
+    PCA colours and CLS attention. `click(row, col)` does what a click does; `snapshot()` draws a static figure."""
     NONE = "(none)"
     VIEWS = ("similarity", "PCA", "attention")
 
-    def __init__(self, models=None, images=None, second=None, size: int | None = 224, alpha: float = 0.6,
-                 display_px: int = 288, cache: FeatureCache | None = None, view: str = "similarity",
-                 max_cells: int = 1024, cmap: str = "inferno"):
+    def __init__(self,
+                 models=None,                    # name -> backbone spec (see `resolve_backbone`); default: `default_models()`
+                 images=None,                    # a folder, dict name -> source, list or one source; default: `default_viz_folder()`
+                 second=None,                    # name (or index) of image B, shown beside A; None: no image B
+                 size: int | None = 224,         # short side the images are resized to (None: as they are)
+                 alpha: float = 0.6,             # opacity of a map over its photo (1: the map alone)
+                 display_px: int = 288,          # on-screen size of the longer side of each panel, in pixels
+                 cache: FeatureCache | None = None,  # a cache to share between widgets
+                 view: str = "similarity",       # first view: "similarity", "PCA" or "attention"
+                 max_cells: int = 1024,          # largest patch grid that gets clickable cells (the sliders always work)
+                 cmap: str = "inferno"):         # colormap of the similarity view
         import ipywidgets as W
         self.W, self.size, self.display_px, self.max_cells, self.cmap = W, size, display_px, max_cells, cmap
         self.cache = cache if cache is not None else FeatureCache()
-        if models is None: models = {"random init tiny_v1": "random:tiny_v1"}
+        if models is None: models = default_models()
         if not isinstance(models, dict):
             models = {(m if isinstance(m, str) else type(m).__name__): m for m in (models if isinstance(models, (list, tuple)) else [models])}
         if not models: raise ValueError("give at least one model")
-        self._specs, self._models = dict(models), {}
-        self._sources = image_sources(images)
+        self._specs, self._models, self._sources = dict(models), {}, image_sources(images)
         if not self._sources: raise ValueError("give at least one image")
-        self._prepared: dict = {}
-        self._suspend, self.last_ms, self.timings, self.last_error = 0, None, [], None
-        self.sim_a = self.sim_b = None
+        self._prepared, self._suspend, self.last_ms, self.timings, self.last_error = {}, 0, None, [], None
+        self.sim_a = self.sim_b = self.scale = None
         self.grid, self.cells = None, []
         names = list(self._sources)
         if view not in self.VIEWS: raise ValueError(f"view must be one of {self.VIEWS}, got {view!r}")
         if second is not None and not isinstance(second, str): second = names[second]
         if second is not None and second not in (self.NONE, *names): raise ValueError(f"second image {second!r} is not among the images")
-
-        # --- controls
-        lay = lambda w: W.Layout(width=w)
-        self.model_dd = W.Dropdown(options=list(self._specs), description="model", layout=lay("330px"))
-        self.layer_dd = W.Dropdown(options=[("last (normed)", "last")], description="layer", layout=lay("200px"))
-        self.view_tb = W.ToggleButtons(options=list(self.VIEWS), value=view, style={"button_width": "90px"})
-        self.image_dd = W.Dropdown(options=names, description="image A", layout=lay("420px"))
-        self.image2_dd = W.Dropdown(options=[self.NONE] + names, value=second or self.NONE, description="image B", layout=lay("420px"))
-        self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload A")
-        self.upload2 = W.FileUpload(accept="image/*", multiple=False, description="upload B")
-        self.row = W.IntSlider(0, 0, 1, description="row", continuous_update=False, layout=lay("260px"))
-        self.col = W.IntSlider(0, 0, 1, description="col", continuous_update=False, layout=lay("260px"))
-        self.alpha = W.FloatSlider(value=alpha, min=0, max=1, step=0.05, description="opacity", continuous_update=False, layout=lay("260px"))
-        self.fg_cb = W.Checkbox(False, description="PCA: mask background", indent=False, layout=lay("190px"))
-        self.fg_thr = W.FloatSlider(0.0, min=-2, max=2, step=0.1, description="threshold", continuous_update=False, layout=lay("260px"))
-        self.head_dd = W.Dropdown(options=[("mean of heads", "mean")], description="head", layout=lay("200px"))
-        self.status = W.HTML("")
-        # --- panels
-        self.query_img = W.Image(format="png"); self.query_img.add_class("dino-query")
-        self.out_a = W.Image(format="png"); self.out_a.add_class("dino-sim-a")
-        self.out_b = W.Image(format="png"); self.out_b.add_class("dino-sim-b")
-        self.click_grid = W.GridBox([self.query_img]); self.click_grid.add_class("dino-click-grid")
-        self.title_q, self.title_a, self.title_b = W.HTML("<b>A: click a patch</b>"), W.HTML(""), W.HTML("")
-        self.panel_b = W.VBox([self.title_b, self.out_b])
-        self.ui = W.VBox([
-            W.HBox([self.model_dd, self.layer_dd, self.view_tb]),
-            W.HBox([self.image_dd, self.upload]), W.HBox([self.image2_dd, self.upload2]),
-            W.HBox([self.row, self.col, self.alpha]), W.HBox([self.fg_cb, self.fg_thr, self.head_dd]),
-            W.HBox([W.VBox([self.title_q, self.click_grid]), W.VBox([self.title_a, self.out_a]), self.panel_b]),
-            self.status])
-        self.ui.add_class("dino-explorer")
-        # --- wiring
+        self._controls(W, names, second, alpha, view)
         self._observe(self.model_dd, self._on_model)
-        self._observe(self.image_dd, self._on_image)
-        self._observe(self.image2_dd, self._on_image)
-        for w in (self.layer_dd, self.view_tb, self.alpha, self.fg_cb, self.fg_thr, self.head_dd): self._observe(w, self._on_render)
-        for w in (self.row, self.col): self._observe(w, self._on_render)
+        for w in (self.image_dd, self.image2_dd): self._observe(w, self._on_image)
+        for w in (self.layer_dd, self.view_tb, self.alpha, self.fg_cb, self.fg_thr, self.head_dd, self.row, self.col):
+            self._observe(w, self.render)
         self._observe(self.upload, lambda: self._on_upload(self.upload, "a"))
         self._observe(self.upload2, lambda: self._on_upload(self.upload2, "b"))
         self._on_model()   # the first draw raises (a bad model or image is the caller's error)
 
-    # ------------------------------------------------------------ plumbing
-    def _observe(self, w, fn): w.observe(lambda change: None if self._suspend else self._guard(fn), names="value")
+# %% ../nbs/16_explore.ipynb #dde2508b
+@patch
+def _controls(self: PatchSimilarityWidget, W, names, second, alpha, view):
+    "Create the controls and panels and lay them out (`self.ui`)."
+    lay, pad = (lambda w: W.Layout(width=w)), W.Layout(margin="0 12px 0 0")
+    self.model_dd = W.Dropdown(options=list(self._specs), description="model", layout=lay("330px"))
+    self.layer_dd = W.Dropdown(options=[("last (normed)", "last")], description="layer", layout=lay("200px"))
+    self.view_tb = W.ToggleButtons(options=list(self.VIEWS), value=view, style={"button_width": "90px"})
+    self.image_dd = W.Dropdown(options=names, description="image A", layout=lay("360px"))
+    self.image2_dd = W.Dropdown(options=[self.NONE] + names, value=second or self.NONE, description="image B", layout=lay("360px"))
+    self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload A")
+    self.upload2 = W.FileUpload(accept="image/*", multiple=False, description="upload B")
+    self.row = W.IntSlider(0, 0, 1, description="row", continuous_update=False, layout=lay("260px"))
+    self.col = W.IntSlider(0, 0, 1, description="col", continuous_update=False, layout=lay("260px"))
+    self.alpha = W.FloatSlider(value=alpha, min=0, max=1, step=0.05, description="opacity", continuous_update=False, layout=lay("260px"))
+    self.fg_cb = W.Checkbox(False, description="PCA: mask background", indent=False, layout=lay("190px"))
+    self.fg_thr = W.FloatSlider(0.0, min=-2, max=2, step=0.1, description="threshold", continuous_update=False, layout=lay("260px"))
+    self.head_dd = W.Dropdown(options=[("mean of heads", "mean")], description="head", layout=lay("200px"))
+    self.status, self.legend = W.HTML(""), W.HTML("")
+    self.query_img = W.Image(format="png"); self.query_img.add_class("dino-query")
+    self.out_a = W.Image(format="png"); self.out_a.add_class("dino-sim-a")
+    self.out_b = W.Image(format="png"); self.out_b.add_class("dino-sim-b")
+    self.click_grid = W.GridBox([self.query_img]); self.click_grid.add_class("dino-click-grid")
+    self.title_q, self.title_a, self.title_b = W.HTML(), W.HTML(), W.HTML()
+    self.panel_b = W.VBox([self.title_b, self.out_b])
+    self.ui = W.VBox([
+        W.HBox([self.model_dd, self.layer_dd, self.view_tb]),
+        W.HBox([self.image_dd, self.upload]), W.HBox([self.image2_dd, self.upload2]),
+        W.HBox([self.row, self.col, self.alpha]), W.HBox([self.fg_cb, self.fg_thr, self.head_dd]),
+        W.HBox([W.VBox([self.title_q, self.click_grid], layout=pad), W.VBox([self.title_a, self.out_a], layout=pad), self.panel_b]),
+        self.legend, self.status])
+    self.ui.add_class("dino-explorer")
 
-    def _guard(self, fn):
-        "Run a callback; an error goes to the status line (a widget callback must not raise into the void)."
-        try: fn(); self.last_error = None
-        except Exception as e:
-            self.last_error = e
-            self.status.value = f"<span style='color:#c00'>error: {type(e).__name__}: {e}</span>"
+@patch
+def _observe(self: PatchSimilarityWidget, w, fn): w.observe(lambda change: None if self._suspend else self._guard(fn), names="value")
 
-    @contextmanager
-    def _hold(self):
-        self._suspend += 1
-        try: yield
-        finally: self._suspend -= 1
+@patch
+def _guard(self: PatchSimilarityWidget, fn):
+    "Run a callback; an error goes to the status line (a widget callback must not raise into the void)."
+    try: fn(); self.last_error = None
+    except Exception as e:
+        self.last_error = e
+        self.status.value = f"<span style='color:#c00'>error: {type(e).__name__}: {e}</span>"
 
-    def _repr_mimebundle_(self, **kw): return self.ui._repr_mimebundle_(**kw)
+@patch
+@contextmanager
+def _hold(self: PatchSimilarityWidget):
+    "Within this block, changing a control's value does not trigger its callback."
+    self._suspend += 1
+    try: yield
+    finally: self._suspend -= 1
 
-    @property
-    def model(self) -> nn.Module:
-        "The selected backbone (resolved, then kept)."
-        name = self.model_dd.value
-        if name not in self._models: self._models[name] = resolve_backbone(self._specs[name])
-        return self._models[name]
+@patch
+def _repr_mimebundle_(self: PatchSimilarityWidget, **kw): return self.ui._repr_mimebundle_(**kw)
 
-    @property
-    def patch_size(self) -> int: return patch_size_of(self.model)
+# %% ../nbs/16_explore.ipynb #c106504f
+@patch(as_prop=True)
+def model(self: PatchSimilarityWidget) -> nn.Module:
+    "The selected backbone (resolved the first time it is shown, then kept)."
+    name = self.model_dd.value
+    if name not in self._models: self._models[name] = resolve_backbone(self._specs[name])
+    return self._models[name]
 
-    def add_model(self, name: str, spec, select: bool = True):
-        "Add a model spec to the switcher (and show it)."
-        self._specs[name] = spec
-        self._models.pop(name, None)
-        with self._hold():
-            v = self.model_dd.value; self.model_dd.options = list(self._specs); self.model_dd.value = v
-        if select and self.model_dd.value == name: self._guard(self._on_model)   # replaced the shown model
-        elif select: self.model_dd.value = name
-        if self.last_error: raise self.last_error
+@patch(as_prop=True)
+def patch_size(self: PatchSimilarityWidget) -> int: return patch_size_of(self.model)
 
-    def prepared(self, name: str) -> tuple:
-        "(uint8 image [H, W, 3], normalised tensor [1, 3, H, W], content id) of image `name` for the current patch size."
-        key = (name, self.patch_size, self.size)
-        if key not in self._prepared:
-            img = prepare_image(self._sources[name], key[1], self.size)
-            x = image_tensor(img)
-            self._prepared[key] = (np.asarray(img), x, image_id(x))
-        return self._prepared[key]
+@patch
+def add_model(self: PatchSimilarityWidget, name: str, spec, select: bool = True):
+    "Add a model spec to the switcher (and show it)."
+    self._specs[name] = spec
+    self._models.pop(name, None)
+    with self._hold():
+        v = self.model_dd.value; self.model_dd.options = list(self._specs); self.model_dd.value = v
+    if select and self.model_dd.value == name: self._guard(self._on_model)   # replaced the shown model
+    elif select: self.model_dd.value = name
+    if self.last_error: raise self.last_error
 
-    def set_image(self, src, which: str = "a", name: str | None = None) -> str:
-        "Add an image (path, bytes, PIL image, array, tensor) and select it as image A or B; returns its name."
-        if which not in ("a", "b"): raise ValueError(f"which must be 'a' or 'b', got {which!r}")
-        if name is None:
-            name = next(f"array {i}" for i in range(len(self._sources) + 1) if f"array {i}" not in self._sources)
-        old = self._sources.get(name)
-        self._sources[name] = src
-        stale = {k: v for k, v in self._prepared.items() if k[0] == name}
-        for k in stale: del self._prepared[k]          # a new image under a known name (e.g. a re-upload)
-        try: self.prepared(name)
-        except Exception:
-            if old is None: del self._sources[name]
-            else: self._sources[name] = old; self._prepared.update(stale)
-            raise
-        names = list(self._sources)
-        with self._hold():                              # new options reset a Dropdown's value: put it back
-            for dd, opts in ((self.image_dd, names), (self.image2_dd, [self.NONE] + names)):
-                v = dd.value; dd.options = opts; dd.value = v
-        dd = self.image_dd if which == "a" else self.image2_dd
-        if dd.value == name: self._guard(self._on_image)   # same name, new content: no change event, redraw
-        else: dd.value = name
-        if self.last_error: raise self.last_error
-        return name
+# %% ../nbs/16_explore.ipynb #082bb54e
+@patch
+def prepared(self: PatchSimilarityWidget, name: str) -> tuple:
+    "(uint8 image [H, W, 3], normalised tensor [1, 3, H, W], content id) of image `name` for the current patch size."
+    key = (name, self.patch_size, self.size)
+    if key not in self._prepared:
+        img = prepare_image(self._sources[name], key[1], self.size)
+        x = image_tensor(img)
+        self._prepared[key] = (np.asarray(img), x, image_id(x))
+    return self._prepared[key]
 
-    def _on_upload(self, up, which):
-        if not up.value: return
-        item = up.value[0]
-        try: self.set_image(bytes(item["content"]), which, name=f"upload: {item['name']}")
-        finally:
-            with self._hold(): up.value = ()
+@patch
+def set_image(self: PatchSimilarityWidget, src, which: str = "a", name: str | None = None) -> str:
+    "Add an image (path, bytes, PIL image, array, tensor) and select it as image A or B; returns its name."
+    if which not in ("a", "b"): raise ValueError(f"which must be 'a' or 'b', got {which!r}")
+    if name is None: name = next(f"array {i}" for i in range(len(self._sources) + 1) if f"array {i}" not in self._sources)
+    old = self._sources.get(name)
+    self._sources[name] = src
+    stale = {k: v for k, v in self._prepared.items() if k[0] == name}
+    for k in stale: del self._prepared[k]          # a new image under a known name (e.g. a re-upload)
+    try: self.prepared(name)
+    except Exception:
+        if old is None: del self._sources[name]
+        else: self._sources[name] = old; self._prepared.update(stale)
+        raise
+    names = list(self._sources)
+    with self._hold():                              # new options reset a Dropdown's value: put it back
+        for dd, opts in ((self.image_dd, names), (self.image2_dd, [self.NONE] + names)):
+            v = dd.value; dd.options = opts; dd.value = v
+    dd = self.image_dd if which == "a" else self.image2_dd
+    if dd.value == name: self._guard(self._on_image)   # same name, new content: no change event, redraw
+    else: dd.value = name
+    if self.last_error: raise self.last_error
+    return name
 
-    # ------------------------------------------------------------ state changes
-    def _on_model(self):
-        m, n = self.model, num_layers(self.model)
-        with self._hold():
-            old = self.layer_dd.value
-            # (a Dropdown treats the value None as "nothing selected": the contract output is "last")
-            self.layer_dd.options = [("last (normed)", "last")] + [(f"block {i}", i) for i in range(n)]
-            self.layer_dd.value = old if isinstance(old, int) and old < n else "last"
-            heads = getattr(getattr(getattr(m, "blocks", [None])[-1], "attn", None), "num_heads", 0) if n else 0
-            self.head_dd.options = [("mean of heads", "mean")] + [(f"head {i}", i) for i in range(heads)]
-        self._on_image()
+@patch
+def _on_upload(self: PatchSimilarityWidget, up, which):
+    if not up.value: return
+    item = up.value[0]
+    try: self.set_image(bytes(item["content"]), which, name=f"upload: {item['name']}")
+    finally:
+        with self._hold(): up.value = ()
 
-    def _on_image(self):
-        img = self.prepared(self.image_dd.value)[0]
-        p = self.patch_size
-        grid = (img.shape[0] // p, img.shape[1] // p)
-        if grid != self.grid: self._build_grid(grid)
-        self.render()
+# %% ../nbs/16_explore.ipynb #f19674b3
+@patch
+def _on_model(self: PatchSimilarityWidget):
+    m, n = self.model, num_layers(self.model)
+    with self._hold():
+        old = self.layer_dd.value
+        # (a Dropdown treats the value None as "nothing selected": the contract output is "last")
+        self.layer_dd.options = [("last (normed)", "last")] + [(f"block {i}", i) for i in range(n)]
+        self.layer_dd.value = old if isinstance(old, int) and old < n else "last"
+        heads = getattr(getattr(getattr(m, "blocks", [None])[-1], "attn", None), "num_heads", 0) if n else 0
+        self.head_dd.options = [("mean of heads", "mean")] + [(f"head {i}", i) for i in range(heads)]
+    self._on_image()
 
-    def _build_grid(self, grid):
-        "The clickable photo: a CSS grid with the image under one transparent button per patch."
-        W, (h, w) = self.W, grid
-        cell = max(6, self.display_px // max(h, w))
-        for b in (b for row in self.cells for b in row): b.close()
-        self.cells = []
-        if h * w <= self.max_cells:
-            for r in range(h):
-                row = []
-                for c in range(w):
-                    b = W.Button(description="", tooltip=f"patch ({r}, {c})",
-                                 layout=W.Layout(grid_area=f"{r + 1} / {c + 1} / {r + 2} / {c + 2}", width="auto", height="auto",
-                                                 margin="0", padding="0", min_width="0", min_height="0", border="none"),
-                                 style={"button_color": "transparent"})
-                    b.on_click(lambda _b, r=r, c=c: self._guard(lambda: self.click(r, c)))
-                    row.append(b)
-                self.cells.append(row)
-        size = dict(width=f"{w * cell}px", height=f"{h * cell}px")
-        self.query_img.layout = W.Layout(grid_area=f"1 / 1 / {h + 1} / {w + 1}", object_fit="fill", **size)
-        self.click_grid.layout = W.Layout(grid_template_columns=f"repeat({w}, {cell}px)", grid_template_rows=f"repeat({h}, {cell}px)",
-                                          grid_gap="0px", **size)
-        self.click_grid.children = [self.query_img] + [b for row in self.cells for b in row]
-        for im in (self.out_a, self.out_b): im.layout = W.Layout(object_fit="fill", **size)
-        with self._hold():
-            self.row.max, self.col.max = h - 1, w - 1
-            self.row.value, self.col.value = min(self.row.value, h - 1) if self.grid else h // 2, min(self.col.value, w - 1) if self.grid else w // 2
-        self.grid = grid
+@patch
+def _on_image(self: PatchSimilarityWidget):
+    img, p = self.prepared(self.image_dd.value)[0], self.patch_size
+    grid = (img.shape[0] // p, img.shape[1] // p)
+    if grid != self.grid: self._build_grid(grid)
+    self.render()
 
-    def click(self, row: int, col: int):
-        "What a click on patch (row, col) of image A does: move the sliders there and redraw."
-        h, w = self.grid
-        if not (0 <= row < h and 0 <= col < w): raise IndexError(f"patch ({row}, {col}) is outside the {h}x{w} grid")
-        with self._hold(): self.row.value, self.col.value = int(row), int(col)
-        self.render()
+# %% ../nbs/16_explore.ipynb #177618f6
+@patch
+def _build_grid(self: PatchSimilarityWidget, grid):
+    "The clickable photo: a CSS grid with the image under one transparent button per patch."
+    W, (h, w) = self.W, grid
+    cell = max(6, self.display_px // max(h, w))
+    for b in (b for row in self.cells for b in row): b.close()
+    self.cells = []
+    if h * w <= self.max_cells:
+        for r in range(h):
+            row = []
+            for c in range(w):
+                b = W.Button(description="", tooltip=f"patch ({r}, {c})", style={"button_color": "transparent"},
+                             layout=W.Layout(grid_area=f"{r + 1} / {c + 1} / {r + 2} / {c + 2}", width="auto", height="auto",
+                                             margin="0", padding="0", min_width="0", min_height="0", border="none"))
+                b.on_click(lambda _b, r=r, c=c: self._guard(lambda: self.click(r, c)))
+                row.append(b)
+            self.cells.append(row)
+    size = dict(width=f"{w * cell}px", height=f"{h * cell}px")
+    self.query_img.layout = W.Layout(grid_area=f"1 / 1 / {h + 1} / {w + 1}", object_fit="fill", **size)
+    self.click_grid.layout = W.Layout(grid_template_columns=f"repeat({w}, {cell}px)", grid_template_rows=f"repeat({h}, {cell}px)",
+                                      grid_gap="0px", **size)
+    self.click_grid.children = [self.query_img] + [b for row in self.cells for b in row]
+    for im in (self.out_a, self.out_b): im.layout = W.Layout(object_fit="fill", **size)
+    for t in (self.title_q, self.title_a, self.title_b): t.layout = W.Layout(width=size["width"])   # titles wrap, never merge
+    with self._hold():
+        self.row.max, self.col.max = h - 1, w - 1
+        self.row.value = min(self.row.value, h - 1) if self.grid else h // 2
+        self.col.value = min(self.col.value, w - 1) if self.grid else w // 2
+    self.grid = grid
 
-    def click_xy(self, x: float, y: float):
-        "A click at pixel (x, y) of the prepared image A (x to the right, y down)."
-        p = self.patch_size
-        self.click(int(y // p), int(x // p))
+# %% ../nbs/16_explore.ipynb #ea9e697c
+@patch
+def click(self: PatchSimilarityWidget, row: int, col: int):
+    "What a click on patch (row, col) of image A does: move the sliders there and redraw."
+    h, w = self.grid
+    if not (0 <= row < h and 0 <= col < w): raise IndexError(f"patch ({row}, {col}) is outside the {h}x{w} grid")
+    with self._hold(): self.row.value, self.col.value = int(row), int(col)
+    self.render()
 
-    def _on_render(self): self.render()
+@patch
+def click_xy(self: PatchSimilarityWidget, x: float, y: float):
+    "A click at pixel (x, y) of the prepared image A (x to the right, y down)."
+    p = self.patch_size
+    self.click(int(y // p), int(x // p))
 
-    # ------------------------------------------------------------ drawing
-    def render(self):
-        "Redraw the query panel and the current view (features from the cache)."
-        t0 = time.perf_counter()
-        m, p, layer, view = self.model, self.patch_size, self.layer_dd.value, self.view_tb.value
-        layer = None if layer == "last" else layer
-        img_a, x_a, id_a = self.prepared(self.image_dd.value)
-        B = self.image2_dd.value != self.NONE
-        img_b, x_b, id_b = self.prepared(self.image2_dd.value) if B else (None, None, None)
-        r, c = self.row.value, self.col.value
-        self.query_img.value = to_png(mark_patch(img_a, r, c, p))
-        self.panel_b.layout.display = None if B else "none"
-        for w in (self.fg_cb, self.fg_thr): w.layout.display = None if view == "PCA" else "none"
-        self.head_dd.layout.display = None if view == "attention" else "none"
-        self.layer_dd.disabled = view == "attention"
-        if view == "similarity":
-            fa = self.cache.features(m, x_a, layer, id_a)
-            self.sim_a = patch_similarity(fa, (r, c))
-            self.sim_b = patch_similarity(fa, (r, c), self.cache.features(m, x_b, layer, id_b)) if B else None
-            lo = min(float(s.min()) for s in (self.sim_a, self.sim_b) if s is not None)   # one scale for A and B, top = 1
-            self.out_a.value = to_png(overlay(img_a, colorize(self.sim_a, self.cmap, lo, 1.0), self.alpha.value))
-            if B: self.out_b.value = to_png(overlay(img_b, colorize(self.sim_b, self.cmap, lo, 1.0), self.alpha.value))
-            self.title_a.value, self.title_b.value = f"<b>similarity to patch ({r}, {c}) on A</b>", "<b>on B</b>"
-        elif view == "PCA":
-            feats = [self.cache.features(m, x_a, layer, id_a)] + ([self.cache.features(m, x_b, layer, id_b)] if B else [])
-            flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
-            border = torch.cat([border_mask(f.shape[:2]) for f in feats])
-            rgb, _ = _pca_rgb_flat(flat, border, self.fg_thr.value if self.fg_cb.value else None)
-            n_a = feats[0].shape[0] * feats[0].shape[1]
-            for out, im, f, part in zip((self.out_a, self.out_b), (img_a, img_b), feats, (rgb[:n_a], rgb[n_a:])):
-                out.value = to_png(overlay(im, (part.reshape(*f.shape[:2], 3).numpy() * 255).round().astype(np.uint8), self.alpha.value))
-            self.title_a.value, self.title_b.value = "<b>PCA (A and B together) on A</b>", "<b>on B</b>"
-        else:
-            head = self.head_dd.value
-            for out, im, x, i in ((self.out_a, img_a, x_a, id_a), (self.out_b, img_b, x_b, id_b))[:1 + B]:
-                a = self.cache.attention(m, x, i)
-                a = a.mean(0) if head == "mean" else a[head]
-                out.value = to_png(overlay(im, colorize(a, "viridis"), self.alpha.value))
-            label = "mean of heads" if head == "mean" else f"head {head}"
-            self.title_a.value, self.title_b.value = f"<b>CLS attention, last block, {label}: A</b>", "<b>B</b>"
-        self.last_ms = (time.perf_counter() - t0) * 1000
-        self.timings.append(self.last_ms)
-        self.status.value = (f"{self.model_dd.value} · {view} · patch ({r}, {c}) of a {self.grid[0]}x{self.grid[1]} grid · "
-                             f"updated in {self.last_ms:.1f} ms · cache: {self.cache.hits} hits, {self.cache.misses} misses")
+# %% ../nbs/16_explore.ipynb #83fe1a30
+def colorbar_html(cmap: str, lo: float, hi: float, label: str, width: int = 288) -> str:
+    "A horizontal colour bar as HTML (a CSS gradient through the colormap), its two ends labelled."
+    stops = ", ".join("rgb({},{},{})".format(*_lut(cmap)[i]) for i in np.linspace(0, 255, 11).round().astype(int))
+    return (f"<div style='font-size:11px;line-height:1.3;width:{width}px'>{label}<div style='height:10px;background:linear-gradient(to right, {stops})'></div>"
+            f"<div style='display:flex;justify-content:space-between'><span>{lo:.2f}</span><span>{hi:.2f}</span></div></div>")
 
-    def snapshot(self, scale: float = 2.6):
-        "A static matplotlib figure of the current panels (for documents, where widgets do not render)."
-        import matplotlib.pyplot as plt
-        panels = [("A", self.query_img.value), (self.view_tb.value + " on A", self.out_a.value)]
-        if self.image2_dd.value != self.NONE: panels.append(("on B", self.out_b.value))
-        fig, axs = plt.subplots(1, len(panels), figsize=(scale * len(panels), scale))
-        for ax, (t, png) in zip(np.atleast_1d(axs), panels):
-            ax.imshow(Image.open(io.BytesIO(png))); ax.set_title(t, fontsize=8); ax.axis("off")
-        fig.suptitle(self.status.value, fontsize=7); fig.tight_layout()
-        return fig
+_PCA_LEGEND = ("<div style='font-size:11px'>colour = the first three principal components of the patch features (one PCA "
+              "over A and B) as <b style='color:#d00'>red</b>, <b style='color:#080'>green</b>, <b style='color:#00c'>blue</b>"
+              "{bg}</div>")
 
-# %% ../nbs/16_explore.ipynb #87dfd83c
-def show_similarity(models: dict, images: list, row: int, col: int, size: int | None = None, layer=None, cache=None, scale=2.2):
-    "Figure: per model (rows), image 0 with patch (row, col) marked, then its similarity map on each image."
+@patch
+def render(self: PatchSimilarityWidget):
+    "Redraw the panels of the current view (features from the cache), its titles, colour bar and status line."
+    t0 = time.perf_counter()
+    view, B = self.view_tb.value, self.image2_dd.value != self.NONE
+    img_a = self.prepared(self.image_dd.value)[0]
+    sim = view == "similarity"                                  # the only view a click changes
+    r, c = self.row.value, self.col.value
+    self.query_img.value = to_png(mark_patch(img_a, r, c, self.patch_size) if sim else img_a)
+    self.title_q.value = "<b>A: click a patch</b>" if sim else "<b>A</b>"
+    for w in (self.row, self.col): w.layout.display = None if sim else "none"
+    self.panel_b.layout.display = None if B else "none"
+    for w in (self.fg_cb, self.fg_thr): w.layout.display = None if view == "PCA" else "none"
+    self.head_dd.layout.display = None if view == "attention" else "none"
+    self.layer_dd.disabled = view == "attention"
+    {"similarity": self._draw_similarity, "PCA": self._draw_pca, "attention": self._draw_attention}[view](B)
+    width = int(self.out_a.layout.width[:-2]) if self.out_a.layout.width else self.display_px
+    self.legend.value = colorbar_html(*self.scale, width=max(width, 200)) if self.scale else \
+        _PCA_LEGEND.format(bg="; black: background" if self.fg_cb.value else "")
+    self.last_ms = (time.perf_counter() - t0) * 1000
+    self.timings.append(self.last_ms)
+    self.status.value = (f"{self.model_dd.value} · {view} · patch ({r}, {c}) of a {self.grid[0]}x{self.grid[1]} grid · "
+                         f"updated in {self.last_ms:.1f} ms · cache: {self.cache.hits} hits, {self.cache.misses} misses")
+
+@patch
+def _inputs(self: PatchSimilarityWidget, B: bool):
+    "[(image, tensor, id)] for A (and B), and the layer to read."
+    layer = None if self.layer_dd.value == "last" else self.layer_dd.value
+    return [self.prepared(self.image_dd.value)] + ([self.prepared(self.image2_dd.value)] if B else []), layer
+
+# %% ../nbs/16_explore.ipynb #9a959afe
+@patch
+def _draw_similarity(self: PatchSimilarityWidget, B: bool):
+    ins, layer = self._inputs(B)
+    (ia, xa, ida), m, (r, c) = ins[0], self.model, (self.row.value, self.col.value)
+    fa = self.cache.features(m, xa, layer, ida)
+    self.sim_a = patch_similarity(fa, (r, c))
+    self.sim_b = patch_similarity(fa, (r, c), self.cache.features(m, ins[1][1], layer, ins[1][2])) if B else None
+    lo = min(float(s.min()) for s in (self.sim_a, self.sim_b) if s is not None)   # one scale for A and B, top = 1
+    self.out_a.value = to_png(overlay(ia, colorize(self.sim_a, self.cmap, lo, 1.0), self.alpha.value))
+    if B: self.out_b.value = to_png(overlay(ins[1][0], colorize(self.sim_b, self.cmap, lo, 1.0), self.alpha.value))
+    self.title_a.value, self.title_b.value = f"<b>A: similarity to patch ({r}, {c})</b>", f"<b>B: similarity to patch ({r}, {c}) of A</b>"
+    self.scale = (self.cmap, lo, 1.0, "cosine similarity to the marked patch" + (" (A and B on one scale)" if B else ""))
+
+@patch
+def _draw_pca(self: PatchSimilarityWidget, B: bool):
+    ins, layer = self._inputs(B)
+    feats = [self.cache.features(self.model, x, layer, i) for _, x, i in ins]
+    flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    border = torch.cat([border_mask(f.shape[:2]) for f in feats])
+    rgb, _ = _pca_rgb_flat(flat, border, self.fg_thr.value if self.fg_cb.value else None)
+    n_a = feats[0].shape[0] * feats[0].shape[1]
+    for out, (im, _, _), f, part in zip((self.out_a, self.out_b), ins, feats, (rgb[:n_a], rgb[n_a:])):
+        out.value = to_png(overlay(im, (part.reshape(*f.shape[:2], 3).numpy() * 255).round().astype(np.uint8), self.alpha.value))
+    self.title_a.value, self.title_b.value = "<b>A: PCA colours</b>", "<b>B: PCA colours</b>"
+    self.scale = None
+
+@patch
+def _draw_attention(self: PatchSimilarityWidget, B: bool):
+    ins, _ = self._inputs(B)
+    head = self.head_dd.value
+    maps = [self.cache.attention(self.model, x, i) for _, x, i in ins]
+    maps = [a.mean(0) if head == "mean" else a[head] for a in maps]
+    hi = max(float(a.max()) for a in maps)                      # one scale for A and B, from 0
+    for out, (im, _, _), a in zip((self.out_a, self.out_b), ins, maps):
+        out.value = to_png(overlay(im, colorize(a, "viridis", 0.0, hi), self.alpha.value))
+    label = "mean of heads" if head == "mean" else f"head {head}"
+    self.title_a.value, self.title_b.value = f"<b>A: CLS attention ({label})</b>", f"<b>B: CLS attention ({label})</b>"
+    self.scale = ("viridis", 0.0, hi, f"attention of the CLS token to each patch, last block, {label}")
+
+# %% ../nbs/16_explore.ipynb #5a801489
+@patch
+def snapshot(self: PatchSimilarityWidget, scale: float = 2.6):
+    "A static matplotlib figure of the current panels, with their colour bar or legend (documents do not show widgets)."
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+    B, view = self.image2_dd.value != self.NONE, self.view_tb.value
+    panels = [("A" + (f": patch ({self.row.value}, {self.col.value})" if view == "similarity" else ""), self.query_img.value),
+              (f"A: {view}", self.out_a.value)] + ([(f"B: {view}", self.out_b.value)] if B else [])
+    fig, axs = plt.subplots(1, len(panels), figsize=(scale * len(panels) + 0.8, scale), layout="constrained")
+    for ax, (t, png) in zip(axs, panels):
+        ax.imshow(Image.open(io.BytesIO(png))); ax.set_title(t, fontsize=8); ax.axis("off")
+    if self.scale:
+        cmap, lo, hi, label = self.scale
+        cb = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap), ax=list(axs[1:]), shrink=0.8)
+        cb.set_label(label.split(" (")[0], fontsize=7); cb.ax.tick_params(labelsize=7)
+    else:
+        handles = [Patch(color=c, label=f"PC {i + 1}") for i, c in enumerate(("red", "green", "blue"))]
+        if self.fg_cb.value: handles.append(Patch(color="black", label="background"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle(f"{self.model_dd.value} · {self.image_dd.value}" + (f" vs {self.image2_dd.value}" if B else ""), fontsize=8)
+    return fig
+
+# %% ../nbs/16_explore.ipynb #b9a04fcd
+def _colorbar(fig, axs, cmap, lo, hi, label):
+    "A colour bar beside `axs` for a map drawn with `colorize(..., cmap, lo, hi)`."
+    import matplotlib.pyplot as plt
+    cb = fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(lo, hi), cmap), ax=list(axs), shrink=0.85, pad=0.02)
+    cb.set_label(label, fontsize=7); cb.ax.tick_params(labelsize=6)
+
+def show_similarity(models: dict, images: list, row: int, col: int, size: int | None = None, layer=None, cache=None,
+                    scale=2.0, vmin=-0.2):
+    "Figure: per model (rows), image 0 with patch (row, col) marked, then its similarity map on each image (one colour scale)."
     import matplotlib.pyplot as plt
     cache = cache or FeatureCache()
-    fig, axs = plt.subplots(len(models), 1 + len(images), figsize=(scale * (1 + len(images)), scale * len(models)), squeeze=False)
+    fig, axs = plt.subplots(len(models), 1 + len(images), figsize=(scale * (1 + len(images)) + 0.8, scale * len(models)),
+                            squeeze=False, layout="constrained")
     for i, (name, m) in enumerate(models.items()):
         p = patch_size_of(m)
         imgs = [prepare_image(s, p, size) for s in images]
@@ -623,17 +728,20 @@ def show_similarity(models: dict, images: list, row: int, col: int, size: int | 
         axs[i, 0].imshow(mark_patch(np.asarray(imgs[0]), row, col, p, width=3)); axs[i, 0].set_title(f"{name}\nquery ({row}, {col})", fontsize=7)
         for j, (im, x) in enumerate(zip(imgs, xs)):
             s = patch_similarity(fq, (row, col), cache.features(m, x, layer))
-            axs[i, 1 + j].imshow(overlay(np.asarray(im), colorize(s, "inferno", -0.2, 1.0), 0.7))
+            axs[i, 1 + j].imshow(overlay(np.asarray(im), colorize(s, "inferno", vmin, 1.0), 0.7))
             axs[i, 1 + j].set_title(f"image {j}: max {s.max():.2f}", fontsize=7)
+        _colorbar(fig, axs[i, 1:], "inferno", vmin, 1.0, "cosine similarity")
     for a in axs.flat: a.axis("off")
-    fig.tight_layout()
     return fig
 
-def show_pca(models: dict, images: list, size: int | None = None, fg_threshold: float | None = None, layer=None, cache=None, scale=1.8):
-    "Figure: the images (top row), then per model one PCA fitted on all of them, as RGB."
+# %% ../nbs/16_explore.ipynb #a6402dff
+def show_pca(models: dict, images: list, size: int | None = None, fg_threshold: float | None = None, layer=None, cache=None, scale=1.5):
+    "Figure: the images (top row), then per model one PCA fitted on all of them, as RGB (legend: which component is which colour)."
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     cache = cache or FeatureCache()
-    fig, axs = plt.subplots(1 + len(models), len(images), figsize=(scale * len(images), scale * (1 + len(models))), squeeze=False)
+    fig, axs = plt.subplots(1 + len(models), len(images), figsize=(scale * len(images), scale * (1 + len(models)) + 0.3),
+                            squeeze=False, layout="constrained")
     for i, (name, m) in enumerate(models.items()):
         p = patch_size_of(m)
         imgs = [prepare_image(s, p, size) for s in images]
@@ -645,26 +753,30 @@ def show_pca(models: dict, images: list, size: int | None = None, fg_threshold: 
             axs[1 + i, j].imshow(upsample(rgb[j], im.size[::-1]))
         axs[1 + i, 0].set_title(name, fontsize=7, loc="left")
     for a in axs.flat: a.axis("off")
-    fig.tight_layout()
+    handles = [Patch(color=c, label=f"PC {k + 1}") for k, c in enumerate(("red", "green", "blue"))]
+    if fg_threshold is not None: handles.append(Patch(color="black", label="background"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
     return fig
 
-def show_attention(models: dict, image, size: int | None = None, keep: float | None = 0.6, scale=1.8):
-    "Figure: per model, the image, the CLS attention of each last-block head, and (with `keep`) DINOv1's mass-threshold mask of their mean."
+# %% ../nbs/16_explore.ipynb #03b25c90
+def show_attention(models: dict, image, size: int | None = None, keep: float | None = 0.6, scale=1.6):
+    "Figure: per model, the image, the CLS attention of each last-block head (one colour scale per model), and (with `keep`) DINOv1's mass-threshold mask of their mean."
     import matplotlib.pyplot as plt
     rows = []
     for name, m in models.items():
         im = prepare_image(image, patch_size_of(m), size)
         rows.append((name, im, cls_attention_maps(m, image_tensor(im))))
     ncol = 1 + max(a.shape[0] for _, _, a in rows) + (keep is not None)
-    fig, axs = plt.subplots(len(rows), ncol, figsize=(scale * ncol, scale * len(rows)), squeeze=False)
+    fig, axs = plt.subplots(len(rows), ncol, figsize=(scale * ncol + 0.8, scale * len(rows)), squeeze=False, layout="constrained")
     for i, (name, im, a) in enumerate(rows):
         axs[i, 0].imshow(im); axs[i, 0].set_title(name, fontsize=7)
+        hi = float(a.max())
         for k in range(a.shape[0]):
-            axs[i, 1 + k].imshow(overlay(np.asarray(im), colorize(a[k], "viridis"), 0.8)); axs[i, 1 + k].set_title(f"head {k}", fontsize=7)
+            axs[i, 1 + k].imshow(overlay(np.asarray(im), colorize(a[k], "viridis", 0.0, hi), 0.8)); axs[i, 1 + k].set_title(f"head {k}", fontsize=7)
+        _colorbar(fig, axs[i, 1:1 + a.shape[0]], "viridis", 0.0, hi, "CLS attention")
         if keep is not None:
             mask = attention_mass_mask(a.mean(0), keep).numpy()
             axs[i, -1].imshow((np.asarray(im) * upsample(mask, im.size[::-1])[..., None]).astype(np.uint8))
             axs[i, -1].set_title(f"top {keep:.0%} of attention", fontsize=7)
     for a in axs.flat: a.axis("off")
-    fig.tight_layout()
     return fig

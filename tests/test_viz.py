@@ -321,3 +321,84 @@ def test_widget_models_from_a_run_dir_and_random_init(shared_data, tmp_path):
     w.click(2, 1)
     assert divmod(int(w.sim_a.argmax()), 4) == (2, 1)
     assert resolve_backbone(small_vit()) is not None
+
+
+# ------------------------------------------------------------------ papercuts: what the widget shows in each view
+def test_widget_marker_hint_and_sliders_only_where_a_click_does_something(widget):
+    w = widget
+    w.click(1, 3)
+    q_sim = decode(w.query_img.value)
+    assert "click a patch" in w.title_q.value and w.row.layout.display is None and w.col.layout.display is None
+    assert q_sim[8, 24:32].tolist() == [[0, 255, 255]] * 8                 # the marker's top edge on patch (1, 3)
+    for view in ("PCA", "attention"):
+        w.view_tb.value = view
+        assert w.last_error is None
+        assert "click" not in w.title_q.value and w.row.layout.display == "none" and w.col.layout.display == "none"
+        q = decode(w.query_img.value)
+        np.testing.assert_array_equal(q, np.asarray(prepare_image(noise_image(32, 40), 8), dtype=np.float64))  # the photo, unmarked
+    w.view_tb.value = "similarity"
+    assert decode(w.query_img.value).tolist() == q_sim.tolist()
+
+
+def test_widget_titles_are_per_panel_and_wrap_in_the_panel_width(widget):
+    w = widget
+    for view in w.VIEWS:
+        w.view_tb.value = view
+        ta, tb = w.title_a.value, w.title_b.value
+        assert ta.startswith("<b>A") and tb.startswith("<b>B") and ta != tb, (view, ta, tb)
+        assert w.title_a.layout.width == w.out_a.layout.width == w.title_b.layout.width
+
+
+def test_widget_colour_bar_and_pca_legend(widget):
+    w = widget
+    w.click(2, 2)
+    cmap, lo, hi, label = w.scale
+    assert (cmap, hi) == ("inferno", 1.0) and "cosine similarity" in label
+    assert abs(lo - min(float(w.sim_a.min()), float(w.sim_b.min()))) < 1e-6  # one scale for A and B
+    assert f"{lo:.2f}" in w.legend.value and "1.00" in w.legend.value and "linear-gradient" in w.legend.value
+    top = "rgb({},{},{})".format(*_lut("inferno")[255])
+    assert top in w.legend.value
+    w.view_tb.value = "attention"
+    cmap, lo, hi, label = w.scale
+    a = [w.cache.attention(w.model, w.prepared(n)[1]).mean(0) for n in ("a", "b")]
+    assert cmap == "viridis" and lo == 0.0 and abs(hi - max(float(x.max()) for x in a)) < 1e-6
+    assert "CLS" in label and f"{hi:.2f}" in w.legend.value
+    w.view_tb.value = "PCA"
+    assert w.scale is None and "principal components" in w.legend.value and "background" not in w.legend.value
+    w.fg_cb.value = True
+    assert "black: background" in w.legend.value
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = w.snapshot()
+    assert len(fig.legends) == 1 and [t.get_text() for t in fig.legends[0].get_texts()] == ["PC 1", "PC 2", "PC 3", "background"]
+    plt.close(fig)
+    w.view_tb.value = "similarity"
+    fig = w.snapshot()
+    assert len(fig.axes) == 4                                               # A, map on A, map on B, colour bar
+    plt.close(fig)
+
+
+def test_images_are_listed_by_short_names(tmp_path):
+    from dino_from_scratch.viz import short_names, image_sources
+    for rel in ("val/dog/x.png", "val/cat/x.png", "train/dog/y.png", "val/dog/y.png", "top.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noise_image(16, 16)).save(tmp_path / rel)
+    src = image_sources(tmp_path)
+    assert sorted(src) == ["cat/x", "dog/x", "top", "train/dog/y.png", "val/dog/y.png"]   # collisions keep their path
+    assert all(p.is_file() for p in src.values()) and src["dog/x"] == tmp_path / "val/dog/x.png"
+    assert short_names([], tmp_path) == {}
+
+
+def test_default_run_is_what_dino_train_writes(tmp_path, monkeypatch):
+    from dino_from_scratch.viz import default_run, default_models
+    monkeypatch.delenv("DINO_TRAINED_RUN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_run("no_such_recipe_here") is None
+    assert default_models("no_such_recipe_here") == {"random init no_such_recipe_here": "random:no_such_recipe_here"}
+    (tmp_path / "runs/tiny_v1/checkpoints").mkdir(parents=True)
+    assert default_run() != Path("runs/tiny_v1")                            # an empty run directory does not count
+    (tmp_path / "runs/tiny_v1/checkpoints/step_0000001.safetensors").write_bytes(b"")
+    assert default_run().resolve() == (tmp_path / "runs/tiny_v1").resolve()
+    assert list(default_models().items()) == [("trained (runs/tiny_v1)", default_run()), ("random init tiny_v1", "random:tiny_v1")]
+    monkeypatch.setenv("DINO_TRAINED_RUN", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="DINO_TRAINED_RUN=.*no checkpoints"): default_run()

@@ -92,9 +92,9 @@ def _pick_patch(folder: Path, image: str) -> tuple[int, int]:
     import torch
     from dino_from_scratch.config import get_recipe
     from dino_from_scratch.eval import random_backbone
-    from dino_from_scratch.viz import patch_features, patch_similarity, prepare_image, image_tensor
+    from dino_from_scratch.viz import patch_features, patch_similarity, prepare_image, image_tensor, image_sources
     torch.set_num_threads(1)
-    f = patch_features(random_backbone(get_recipe("tiny_v1"), seed=0), image_tensor(prepare_image(folder / image, PATCH, SIZE)))
+    f = patch_features(random_backbone(get_recipe("tiny_v1"), seed=0), image_tensor(prepare_image(image_sources(folder)[image], PATCH, SIZE)))
     for r, c in [(r, c) for r in range(2, GRID - 2) for c in range(GRID - 3, 1, -1)]:
         if (r, c) == (GRID // 2, GRID // 2): continue                       # the patch shown before the click
         s = patch_similarity(f, (r, c))
@@ -120,7 +120,8 @@ def voila_server(shared_data, tmp_path):
     import nbformat
     folder = shared_data / "imagenette2-224-viz"
     if not folder.is_dir(): pytest.skip(f"{folder} not found")
-    image = str(sorted((folder / "val" / "english_springer").glob("*.jpg"))[0].relative_to(folder))
+    first = sorted((folder / "val" / "english_springer").glob("*.jpg"))[0]
+    image = f"english_springer/{first.stem}"               # the widget lists images by short names, class/stem
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c.format(folder=str(folder), size=SIZE, image=image)) for c in NOTEBOOK_CELLS]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
