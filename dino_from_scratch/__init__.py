@@ -6,7 +6,7 @@ __version__ = "0.0.1"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/31_api.ipynb #de5ea866
+# %% ../nbs/31_api.ipynb #f349f56c
 import importlib as _importlib
 from ._modidx import d as _index
 
@@ -22,7 +22,10 @@ def _public_names() -> dict:
 _NAMES = _public_names()
 __all__ = sorted(n for n, mods in _NAMES.items() if len(mods) == 1)
 
+_MODULES = {m.rsplit(".", 1)[-1] for m in _index["syms"]}
+
 def __getattr__(name: str):
+    if name in _MODULES: return _importlib.import_module(f"{__name__}.{name}")   # a chapter's module wins over a symbol
     mods = _NAMES.get(name)
     if not mods: raise AttributeError(f"module 'dino_from_scratch' has no attribute {name!r}")
     if len(mods) > 1: raise AttributeError(f"{name!r} is defined in {' and '.join(mods)}: import it from the module you mean")
