@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['dino_pairs_loss', 'dino_pairs_loss_loop', 'dinov3_loss_scales', 'dinov3_total_loss']
+__all__ = ['dino_pairs_loss', 'dino_pairs_loss_loop', 'dinov3_loss_scales']
 
 # %% ../nbs/19_dinov3_loss.ipynb #88319c16
 def dino_pairs_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float = 0.1,
@@ -39,19 +39,9 @@ def dino_pairs_loss_loop(student_logits, teacher_probs, student_temp=0.1, ignore
                 total += float(-(teacher_probs[t, b].double() * logp).sum()); count += 1
     return total / count
 
-# %% ../nbs/19_dinov3_loss.ipynb #3be7e98a
+# %% ../nbs/19_dinov3_loss.ipynb #7d1cda81
 def dinov3_loss_scales(n_global: int, n_local: int, ignore_diagonal: bool = True) -> dict:
     "Scales of DINOv3's `compute_losses`: DINO global / local by number of crop pairs, KoLeo x n_global."
     pg = n_global * (n_global - 1) if ignore_diagonal else n_global ** 2
     pl = n_global * n_local
     return {"dino_global": pg / (pg + pl), "dino_local": pl / (pg + pl), "koleo": float(n_global)}
-
-
-def dinov3_total_loss(terms: dict, scales: dict, dino_weight: float = 1.0, local_weight: float = 1.0,
-                      koleo_weight: float = 0.1, ibot_weight: float = 1.0, gram_weight: float = 0.0) -> torch.Tensor:
-    """Combine the terms as DINOv3 does. `terms`: dino_global, dino_local, koleo (mean over global crops), ibot and
-    optionally gram. Defaults: DINOv3's ViT-7B pretraining (dino 1, KoLeo 0.1, iBOT 1, no Gram)."""
-    total = dino_weight * (scales["dino_global"] * terms["dino_global"] + scales["dino_local"] * local_weight * terms["dino_local"])
-    total = total + koleo_weight * scales["koleo"] * terms["koleo"] + ibot_weight * terms["ibot"]
-    if gram_weight: total = total + gram_weight * terms["gram"]
-    return total

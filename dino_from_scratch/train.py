@@ -142,7 +142,7 @@ class Trainer:
                                    ratios=[g[3] for g in r.data.crops.resolutions])
         self.sched = Schedules(r.optim, r.loss, self.batches.per_epoch, r.data.batch_size * world)
 
-# %% ../nbs/05_train.ipynb #1b007d36
+# %% ../nbs/05_train.ipynb #94dd771b
 @patch
 def train_step(self: Trainer, crops: list[torch.Tensor]) -> dict:
     "One optimisation step on a batch of crops (global views first); returns the step's metrics."
@@ -154,7 +154,7 @@ def train_step(self: Trainer, crops: list[torch.Tensor]) -> dict:
         targets = self.teacher_targets(batch, h)                              # 2. teacher targets (no gradient)
     with self.acc.autocast():
         out = self.student_forward(batch, targets)                            # 3. student on every crop
-    terms, info = self.loss_terms(out, targets, batch, h), {}                 # 4. {name: (value, weight)}
+    terms = self.loss_terms(out, targets, batch, h)                           # 4. {name: (value, weight)}
     loss = sum(w * v for v, w in terms.values())
     self.check_finite(loss, terms)
     self.after_loss(targets)                                                  #    e.g. the EMA centers move
