@@ -282,7 +282,7 @@ def test_fsdp_trainer_matches_the_ddp_trainer_in_one_process(shared_data, tmp_pa
         assert tf.sharded and all(hasattr(p, "to_local") for p in tf.student.parameters())
         init = {k: full(v).clone() for k, v in tf.student.state_dict().items()}
         td = cli.make_trainer(config.override(config.tiny_v3(), sets), out=tmp_path / "ddp", dataset=fresh(), verbose=False)
-        assert not td.sharded and type(td) is type(tf)
+        assert not td.sharded and type(tf) is sharding.sharded(type(td))   # the same trainer, with the FSDP mixin
         td.student.load_state_dict(init); td.teacher.load_state_dict(init)
         td.loss_fn["gram"].backbone.load_state_dict(td.teacher.backbone.state_dict())
         hf, hd = tf.fit(max_steps=4, progress=False), td.fit(max_steps=4, progress=False)
