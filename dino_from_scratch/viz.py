@@ -698,7 +698,7 @@ def snapshot(self: PatchSimilarityWidget, scale: float = 2.6):
     if self.scale:
         cmap, lo, hi, label = self.scale
         cb = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap), ax=list(axs[1:]), shrink=0.8)
-        cb.set_label(label.split(" (")[0], fontsize=7); cb.ax.tick_params(labelsize=7)
+        cb.set_label(label.split(" (")[0].split(",")[0], fontsize=7); cb.ax.tick_params(labelsize=7)
     else:
         handles = [Patch(color=c, label=f"PC {i + 1}") for i, c in enumerate(("red", "green", "blue"))]
         if self.fg_cb.value: handles.append(Patch(color="black", label="background"))

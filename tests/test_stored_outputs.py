@@ -75,3 +75,44 @@ def test_total_size_of_stored_notebooks():
     print(f"\nnbs/: {len(sizes)} notebooks, {total / 2**20:.2f} MiB; largest: "
           + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in top))
     assert total <= MAX_TOTAL_BYTES, f"nbs/ holds {total / 2**20:.1f} MiB (budget {MAX_TOTAL_BYTES / 2**20:.0f} MiB)"
+
+
+def _png_b64(a) -> str:
+    import base64, io
+    from PIL import Image
+    buf = io.BytesIO(); Image.fromarray(a).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_shrink_outputs_on_a_made_up_notebook():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)          # noise: PNG ~180 KiB, JPEG far smaller
+    plot = np.full((200, 300, 3), 255, np.uint8); plot[100, :] = 0         # a line plot: a tiny PNG, stays PNG
+    view = "application/vnd.jupyter.widget-view+json"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x")]
+    nb.cells[0].outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="step 1\rstep 2\rstep 3\n"),
+        nbformat.v4.new_output("display_data", data={"text/plain": "HBox()", view: {"model_id": "bar"}}),
+        nbformat.v4.new_output("display_data", data={"text/plain": "HBox()", view: {"model_id": "closed"}}),
+        nbformat.v4.new_output("display_data", data={"text/plain": "VBox()", view: {"model_id": "ui"}}),
+        nbformat.v4.new_output("display_data", data={"image/png": _png_b64(photo), "text/plain": "<Figure>"}),
+        nbformat.v4.new_output("display_data", data={"image/png": _png_b64(plot), "text/plain": "<Figure>"}),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "\n".join(map(str, range(1000)))}, execution_count=1),
+    ]
+    state = {"bar": {"state": {"children": ["IPY_MODEL_l", "IPY_MODEL_p", "IPY_MODEL_r"]}},
+             "l": {"state": {"value": "tiny_v1: 100%"}}, "p": {"state": {"value": 40, "max": 40}},
+             "r": {"state": {"value": " 40/40 [00:09&lt;00:00,  4.1it/s, loss=5.1]"}},
+             "ui": {"state": {"children": []}}}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state}}
+    stats = run_nbs.shrink_outputs(nb, max_lines=30, max_chars=8000, jpeg_above_kib=40)
+    outs = nb.cells[0].outputs
+    assert [o.output_type for o in outs] == ["stream", "display_data", "display_data", "display_data", "display_data", "execute_result"]
+    assert outs[0].text == "step 3\n"                                               # carriage returns collapsed
+    assert outs[1].data == {"text/plain": "tiny_v1: 100%|██████████| 40/40 [00:09<00:00,  4.1it/s, loss=5.1]"}  # the bar's last state
+    assert outs[2].data == {"text/plain": run_nbs.WIDGET_NOTE}                       # the closed bar is gone; the UI is a note
+    assert set(outs[3].data) == {"image/jpeg", "text/plain"} and set(outs[4].data) == {"image/png", "text/plain"}
+    assert len(outs[3].data["image/jpeg"]) < 0.6 * len(_png_b64(photo))
+    assert "970 more lines not stored" in outs[5].data["text/plain"]
+    assert "widgets" not in nb.metadata and stats["jpeg"] == 1 and stats["widgets"] == 3

@@ -5,12 +5,14 @@
     python tools/run_nbs.py 02_dino_loss 16      # named ones (a stem, a prefix like 16, or a path)
     python tools/run_nbs.py --stale              # only those whose code changed since their outputs were stored
     python tools/run_nbs.py --check              # execute nothing: list stale notebooks, exit 1 if any
+    python tools/run_nbs.py --shrink-only 16     # execute nothing: apply the size rules below to stored outputs
 
 Each notebook runs in a fresh kernel with the chapter's own full settings (IN_TEST unset), in nbs/ as working
 directory, with the library imported from this checkout, `DINO_DATA` defaulting to ../shared/data/imagenette2-128,
 and `--threads` intra-op threads. Then the outputs are made small enough to commit:
 
-- figures: matplotlib's inline backend at `--dpi` (72) through a matplotlibrc in a temporary MPLCONFIGDIR;
+- figures: matplotlib's inline backend at `--dpi` (72) through a matplotlibrc in a temporary MPLCONFIGDIR; a PNG
+  above `--jpeg-above` KiB (photos) is stored as a JPEG when that is much smaller (GitHub renders both);
 - text outputs longer than `--max-lines` lines (or `--max-chars` characters) keep their head and tail, with a note;
   carriage-return progress updates are collapsed to their last state;
 - widgets: the (large) widget state is not stored; a tqdm bar becomes its final text line, any other widget a note;
@@ -22,9 +24,12 @@ A notebook that raises keeps its previous stored version; the run goes on with t
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
+import io
 import copy
 import hashlib
+import html
 import json
 import os
 import re
@@ -122,14 +127,28 @@ def _tqdm_line(model_id: str, state: dict) -> str | None:
     if len(kids) != 3: return None
     left, bar, right = (state.get(k, {}).get("state", {}) for k in kids)
     if "max" not in bar or "value" not in bar: return None
-    strip = lambda h: re.sub(r"<[^>]+>", "", h or "").replace("&nbsp;", " ").strip()
-    return f"{strip(left.get('value'))} {int(bar['value'])}/{int(bar['max'])} {strip(right.get('value'))}".strip()
+    strip = lambda h: html.unescape(re.sub(r"<[^>]+>", "", h or "")).strip()
+    filled = round(10 * bar["value"] / bar["max"]) if bar["max"] else 10
+    return f"{strip(left.get('value'))}|{'█' * filled}{' ' * (10 - filled)}| {strip(right.get('value'))}"
 
 
-def shrink_outputs(nb, max_lines: int = 60, max_chars: int = 8000, max_html: int = 50_000) -> dict:
+def png_to_jpeg(b64png: str, quality: int = 80) -> str | None:
+    "A base64 PNG re-encoded as a base64 JPEG (transparency on white), or None if that is not 40% smaller."
+    from PIL import Image
+    raw = base64.b64decode(b64png)
+    im = Image.open(io.BytesIO(raw))
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA"); bg = Image.new("RGB", im.size, "white"); bg.paste(im, mask=im.split()[-1]); im = bg
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=True)
+    return base64.b64encode(buf.getvalue()).decode() if buf.tell() < 0.6 * len(raw) else None
+
+
+def shrink_outputs(nb, max_lines: int = 60, max_chars: int = 8000, max_html: int = 50_000,
+                   jpeg_above_kib: float = 40, jpeg_quality: int = 80) -> dict:
     "Make the outputs small enough to commit (in place); returns counts of what was changed."
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
-    stats = {"truncated": 0, "widgets": 0, "html_dropped": 0}
+    stats = {"truncated": 0, "widgets": 0, "html_dropped": 0, "jpeg": 0}
     for cell in nb.cells:
         if cell.cell_type != "code": continue
         outs = []
@@ -153,6 +172,11 @@ def shrink_outputs(nb, max_lines: int = 60, max_chars: int = 8000, max_html: int
                     if o.output_type == "execute_result":                 # keep it a display (no Out[] number)
                         o = nbformat.v4.new_output("display_data", data=o.data)
                 else:
+                    png = _text(data.get("image/png", ""))
+                    if png and len(png) * 3 / 4 > jpeg_above_kib * 1024:
+                        jpg = png_to_jpeg(png, jpeg_quality)
+                        if jpg is not None:
+                            del data["image/png"]; data["image/jpeg"] = jpg; stats["jpeg"] += 1
                     if "text/html" in data and len(_text(data["text/html"])) > max_html and "text/plain" in data:
                         del data["text/html"]; stats["html_dropped"] += 1
                     if "text/plain" in data:
@@ -207,7 +231,7 @@ def nbdev_clean_file(path: Path):
 
 def store(path: Path, nb, source_hash: str, args) -> dict:
     "Shrink, write, nbdev_clean and stamp one executed notebook; returns a summary."
-    stats = shrink_outputs(nb, args.max_lines, args.max_chars)
+    stats = shrink_outputs(nb, args.max_lines, args.max_chars, jpeg_above_kib=args.jpeg_above, jpeg_quality=args.jpeg_quality)
     nb.metadata[META_KEY] = {HASH_KEY: source_hash}
     nbformat.write(nb, path)
     nbdev_clean_file(path)
@@ -216,7 +240,7 @@ def store(path: Path, nb, source_hash: str, args) -> dict:
         raise SystemExit(f"run_nbs: nbdev_clean dropped metadata[{META_KEY!r}] from {path.name}: add `{META_KEY}` to "
                          "allowed_metadata_keys in settings.ini")
     n_out = sum(len(c.get("outputs", [])) for c in back.cells if c.cell_type == "code")
-    n_png = sum("image/png" in o.get("data", {}) for c in back.cells if c.cell_type == "code" for o in c.outputs)
+    n_png = sum(any(k.startswith("image/") for k in o.get("data", {})) for c in back.cells if c.cell_type == "code" for o in c.outputs)
     return {**stats, "outputs": n_out, "figures": n_png, "bytes": path.stat().st_size}
 
 
@@ -226,10 +250,14 @@ def main(argv=None) -> int:
     p.add_argument("names", nargs="*", help="notebooks (stem, number prefix or path); default: all, in order")
     p.add_argument("--stale", action="store_true", help="only notebooks whose code differs from the stored hash")
     p.add_argument("--check", action="store_true", help="execute nothing; print stale notebooks and exit 1 if any")
+    p.add_argument("--shrink-only", action="store_true",
+                   help="execute nothing: re-apply the output size rules to stored notebooks whose code is unchanged")
     p.add_argument("--data", default=None, help="DINO_DATA for the kernels (default: $DINO_DATA, else ../shared/data/imagenette2-128)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1),
                    help="OMP/MKL threads of each kernel (default: $OMP_NUM_THREADS or 1)")
     p.add_argument("--dpi", type=int, default=72, help="inline figure resolution (default 72)")
+    p.add_argument("--jpeg-above", type=float, default=40, help="store PNG figures above this many KiB as JPEG when much smaller (default 40)")
+    p.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of those figures (default 80)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
     p.add_argument("--max-lines", type=int, default=60, help="longest text output stored, in lines (default 60)")
     p.add_argument("--max-chars", type=int, default=8000, help="longest text output stored, in characters (default 8000)")
@@ -242,6 +270,13 @@ def main(argv=None) -> int:
         for q in paths: print(f"stale: {q.relative_to(REPO_ROOT)}")
         print(f"{len(paths)} stale notebook(s)" + (f": run `python tools/run_nbs.py {' '.join(q.stem for q in paths)}`" if paths else ""))
         return 1 if paths else 0
+    if a.shrink_only:
+        for q in paths:
+            nb = nbformat.read(q, as_version=4)
+            if stored_hash(nb) != code_hash(nb): print(f"[run_nbs] {q.name}: code changed since it was executed: skipped"); continue
+            s = store(q, nb, code_hash(nb), a)
+            print(f"[run_nbs] {q.name}: {s['bytes'] / 1024:.0f} KiB (truncated {s['truncated']}, JPEG {s['jpeg']})")
+        return 0
     extra = {}
     for kv in a.env:
         k, sep, v = kv.partition("=")
@@ -263,7 +298,7 @@ def main(argv=None) -> int:
                 continue
             s = store(q, nb, src_hash, a)
             print(f"[run_nbs] {q.name}: {time.time() - t0:.0f} s, {s['outputs']} outputs, {s['figures']} figures, "
-                  f"{s['bytes'] / 1024:.0f} KiB (truncated {s['truncated']}, widgets {s['widgets']})", flush=True)
+                  f"{s['bytes'] / 1024:.0f} KiB (truncated {s['truncated']}, widgets {s['widgets']}, JPEG {s['jpeg']})", flush=True)
     total = sum(q.stat().st_size for q in all_notebooks())
     print(f"[run_nbs] {len(paths) - len(failed)}/{len(paths)} stored; nbs/ holds {total / 2**20:.2f} MiB of notebooks"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
