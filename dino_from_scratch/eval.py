@@ -113,7 +113,7 @@ def random_backbone(recipe: Recipe, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
     return VisionTransformer(recipe.model).eval()
 
-# %% ../nbs/06_eval.ipynb #5850e501
+# %% ../nbs/06_eval.ipynb #255accb8
 @torch.no_grad()
 def patch_similarity(backbone: VisionTransformer, x: torch.Tensor, row: int, col: int, y: torch.Tensor | None = None) -> torch.Tensor:
     "Cosine similarity [h, w] between patch (row, col) of image x [1,3,H,W] and every patch of y (default x)."
@@ -137,10 +137,11 @@ def plot_patch_similarity(models: dict, images: list[torch.Tensor], row: int, co
         for j, img in enumerate(images):
             sim = patch_similarity(m, images[0], row, col, None if j == 0 else img)
             axs[r, 1 + j].imshow(denormalize(img[0]).permute(1, 2, 0))
-            axs[r, 1 + j].imshow(F.interpolate(sim[None, None], size=img.shape[-2:], mode="nearest")[0, 0], cmap="inferno", alpha=0.6, vmin=-0.2, vmax=1)
+            im = axs[r, 1 + j].imshow(F.interpolate(sim[None, None], size=img.shape[-2:], mode="nearest")[0, 0], cmap="inferno", alpha=0.6, vmin=-0.2, vmax=1)
             axs[r, 1 + j].set_title("same image" if j == 0 else "another image", fontsize=8)
     for a in axs.flat: a.axis("off")
     fig.tight_layout()
+    fig.colorbar(im, ax=axs[:, 1:].ravel().tolist(), shrink=0.8, label="cosine similarity to the query patch")
     if path: fig.savefig(path, dpi=110); plt.close(fig)
     return fig
 
