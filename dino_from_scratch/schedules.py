@@ -52,6 +52,8 @@ class OptimConfig:
     clip_mode: str = "param"          # "param": each parameter to norm clip_grad (DINOv1); "module": backbone and each head (DINOv2)
     # --- DINOv3 (chapter 20): "constant" = warm-up, then lr, weight decay and EMA momentum held at their start values ---
     schedule: str = "cosine"          # "cosine" (DINOv1/v2) | "constant" (DINOv3 schedules v2, no planned end)
+    # --- what an "epoch" is: every schedule, warm-up and freeze below counts epochs of this many iterations ---
+    epoch_length: int | None = None   # None: one pass over the data; DINOv2 OFFICIAL_EPOCH_LENGTH 1,250, DINOv3 1,000
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -68,6 +70,8 @@ class OptimConfig:
         if self.clip_mode not in ("param", "module"): raise ValueError(f"optim.clip_mode must be 'param' or 'module', got {self.clip_mode!r}")
         if self.warmup_epochs < 0 or self.clip_grad < 0 or self.freeze_last_layer_epochs < 0:
             raise ValueError("optim.warmup_epochs, optim.clip_grad and optim.freeze_last_layer_epochs must be >= 0")
+        if self.epoch_length is not None and (int(self.epoch_length) != self.epoch_length or self.epoch_length < 1):
+            raise ValueError(f"optim.epoch_length must be an integer >= 1 (iterations per epoch) or None, got {self.epoch_length}")
 
 def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     "The peak learning rate after the batch-size scaling rule."
@@ -77,9 +81,10 @@ def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     return cfg.lr
 
 class Schedules:
-    "Per-step lr, weight decay, teacher momentum and teacher temperature for a run of `total_steps`."
+    """Per-step lr, weight decay, teacher momentum and teacher temperature for a run of `total_steps`.
+    An epoch is `optim.epoch_length` iterations when set (the official recipes), else `steps_per_epoch` (one data pass)."""
     def __init__(self, optim: OptimConfig, loss, steps_per_epoch: int, total_batch: int, total_steps: int | None = None):
-        self.steps_per_epoch = spe = max(int(steps_per_epoch), 1)
+        self.steps_per_epoch = spe = int(optim.epoch_length or max(int(steps_per_epoch), 1))
         self.total = n = int(total_steps or round(optim.epochs * spe))
         peak, warm = scaled_lr(optim, total_batch), round(optim.warmup_epochs * spe)
         if optim.schedule == "constant":   # DINOv3: warm up, then hold (min_lr and the *_end values are not used)

@@ -334,13 +334,14 @@ def load_weights(self: Trainer, model: nn.Module, sd: dict): model.load_state_di
 
 @patch
 def init_weights_from(self: Trainer, path):
-    """Start from the student/teacher weights of a checkpoint file or run directory (not its optimizer or step).
+    """Start from the student/teacher weights of a checkpoint file or run directory (not its optimizer or step); the
+    student from the source's teacher when `run.init_student_from='teacher'` (DINOv3's high-resolution stage).
     A position embedding stored for another grid is resized (bicubic); any other mismatch is an error naming the tensors."""
     p = Path(path)
     found = latest_good_checkpoint(p, verbose=self.verbose) if p.is_dir() else (p, *read_checkpoint(p))
     if found is None: raise FileNotFoundError(f"run.init_from: no readable checkpoint in {p}")
     src, tensors, _ = found
-    for prefix, model in (("student", self.student), ("teacher", self.teacher)):
+    for prefix, model in ((self.recipe.run.init_student_from, self.student), ("teacher", self.teacher)):
         own, sd = model.state_dict(), state_dict_of(tensors, prefix)
         for k, v in sd.items():
             if k.endswith("pos_embed") and k in own and v.shape != own[k].shape:
