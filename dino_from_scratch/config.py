@@ -235,6 +235,7 @@ def dinov1_vits16() -> Recipe:
     return derive(Recipe(), with_deviations("dinov1_vits16", {
         "name": "dinov1_vits16", "optim.epochs": 300, "head.norm_last_layer": False,
         "loss.teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 30,
+        "loss.teacher_temp_per_epoch": True,    # main_dino.py: the temperature schedule is indexed by epoch
         "model.interpolate_offset": 0.1}))   # vision_transformer.py interpolate_pos_encoding: (w0 + 0.1) / sqrt(N)
 
 def dinov1_vitb16() -> Recipe:
@@ -315,7 +316,10 @@ def _dinov2_default(name: str, arch: str, train_yaml: dict | None = None) -> Rec
         "name": name, "model": dinov2_vit_config(arch, img_size=224, drop_path_rate=0.3, interpolate_offset=0.1),
         "data.crops.global_scale": (0.32, 1.0), "data.crops.local_scale": (0.05, 0.32), "data.crops.local_size": 96,
         "data.crops.blur_p": (0.0, 0.9, 0.5),   # what the official code applies (its blur probabilities are inverted; DESIGN.md 3)
+        "data.crops.blur_kernel": 9,            # data/transforms.py GaussianBlur: torchvision kernel 9, sigma in [0.1, 2]
+        "optim.freeze_last_layer_mode": "lr",   # train.py: last_layer_lr_schedule is 0 for freeze_last_layer_epochs
         "head.norm_last_layer": False,          # dinov2 DINOHead: weight-norm gain filled with 1, trainable
+        "loss.teacher_temp_per_epoch": False,   # train.py: CosineScheduler per iteration
         "loss.koleo_weight": 0.1, "ibot": IBOTConfig(loss_weight=1.0, out_dim=65536, separate_head=False, centering="softmax"),
         "optim.epochs": 100, "optim.lr": 4e-3, "optim.lr_scaling": "sqrt", "optim.momentum_teacher": 0.992,
         "optim.layerwise_decay": 0.9, "optim.patch_embed_lr_mult": 0.2, "optim.clip_mode": "module", "optim.epoch_length": 1250,

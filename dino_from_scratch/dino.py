@@ -82,6 +82,8 @@ class DINOLossConfig:
     teacher_temp: float = 0.07             # final teacher temperature
     warmup_teacher_temp: float = 0.04      # starting teacher temperature
     warmup_teacher_temp_epochs: float = 30
+    teacher_temp_per_epoch: bool = False   # DINOv1 (`main_dino.py`): the warm-up changes once per epoch (a staircase); False:
+                                           # per step (DINOv2/v3 build the schedule per iteration)
     center_momentum: float = 0.9
     centering: str = "softmax"             # "softmax": EMA center (DINOv1); "sinkhorn": Sinkhorn-Knopp (DINOv2, chapter 08);
                                            # "none": no centering (the collapse demo). true/false mean softmax/none.

@@ -50,7 +50,7 @@ def test_epoch_length_sets_every_schedule():
                              "optim.freeze_last_layer_epochs=1"])
     s = Schedules(r.optim, r.loss, steps_per_epoch=7, total_batch=32)   # a data pass (7 steps) does not matter
     assert len(s) == 30 and s.freeze_last_layer_steps == 10
-    assert s.teacher_temp[19] < 0.07 and s.teacher_temp[20] == pytest.approx(0.07)
+    assert s.teacher_temp[18] < 0.07 and s.teacher_temp[19] == pytest.approx(0.07)   # 20 warm-up steps, the last at 0.07
     with pytest.raises(ValueError, match="optim.epoch_length must be an integer >= 1"):
         override(tiny_v2(), ["optim.epoch_length=0"])
 
@@ -176,3 +176,82 @@ def test_presets_are_derived_and_derive_refuses_unknown_fields():
         derive(tiny_v2(), {"optim.lrr": 1.0})
     with pytest.raises(KeyError, match="derive: unknown section 'optimm'"):
         derive(tiny_v2(), {"optimm.lr": 1.0})
+
+
+# --- conventions per generation ----------------------------------------------------------------------------------------
+def test_warmup_reaches_the_peak_on_its_last_step_for_v1_v2_but_not_v3():
+    r = override(tiny_v2(), ["optim.warmup_epochs=1", "optim.epochs=3", "optim.lr_scaling=none", "optim.lr=0.1"])
+    s = Schedules(r.optim, r.loss, steps_per_epoch=5, total_batch=32)
+    assert s.lr[4] == pytest.approx(0.1) and s.lr[5] == pytest.approx(0.1)          # np.linspace(0, peak, 5): 0 ... peak
+    assert list(s.lr[:5]) == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    c = Schedules(override(r, ["optim.schedule=constant"]).optim, r.loss, steps_per_epoch=5, total_batch=32)
+    assert list(c.lr[:6]) == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.1])       # linear_warmup_cosine_decay: peak excluded
+
+
+def test_dinov1_teacher_temperature_warms_up_per_epoch():
+    r = get_recipe("dinov1_vits16")
+    assert r.loss.teacher_temp_per_epoch and not get_recipe("dinov2_vitl14").loss.teacher_temp_per_epoch
+    s = Schedules(r.optim, r.loss, steps_per_epoch=4, total_batch=1024)
+    t = s.teacher_temp.reshape(-1, 4)
+    assert (t == t[:, :1]).all()                                                     # constant within an epoch
+    assert t[0, 0] == pytest.approx(0.04) and t[1, 0] == pytest.approx(0.04 + 0.03 / 29) and t[29, 0] == pytest.approx(0.07)
+    v2 = Schedules(get_recipe("dinov2_vits14").optim, get_recipe("dinov2_vits14").loss, 1, 1024)
+    assert v2.teacher_temp[1] > v2.teacher_temp[0] and v2.teacher_temp[30 * 1250 - 1] == pytest.approx(0.07)
+
+
+def test_trunc_extra_cosine_matches_dinov3_formula():
+    from dino_from_scratch.schedules import cosine_schedule
+    import numpy as np
+    v = cosine_schedule(1.0, 0.1, 100, trunc_extra=0.25)
+    c = (np.cos(np.linspace(0, np.pi, 125)[:100]) + 1) / 2                      # DINOv3 CosineScheduler, by hand
+    assert v[0] == pytest.approx(1.0) and v[-1] == pytest.approx(0.1)
+    assert v[50] == pytest.approx(0.1 + 0.9 * (c[50] - c[-1]) / (1 - c[-1]))
+    assert v[50] > cosine_schedule(1.0, 0.1, 100)[50]                            # higher midway, a steeper end
+
+
+@pytest.mark.parametrize("mode", ["grad", "lr"])
+def test_freezing_the_last_layer_by_lr_keeps_adamw_moments(train_images, tmp_path, mode):
+    r = small(f"optim.freeze_last_layer_mode={mode}", "optim.freeze_last_layer_epochs=100")
+    t = DINOv2Trainer(r, out=tmp_path / mode, dataset=_fresh(train_images), verbose=False)
+    w0 = t.student.head.last_layer.weight_v.detach().clone()
+    t.fit(max_steps=2, progress=False)
+    assert torch.equal(t.student.head.last_layer.weight_v, w0)                    # frozen either way
+    opt = t.opt.optimizer if hasattr(t.opt, "optimizer") else t.opt
+    state = opt.state.get(t.student.head.last_layer.weight_v, {})
+    moved = "exp_avg" in state and state["exp_avg"].abs().sum() > 0
+    assert moved == (mode == "lr")                                                   # DINOv2/v3: moments accumulate
+    assert get_recipe("dinov2_vitl14").optim.freeze_last_layer_mode == "lr" and get_recipe("dinov1_vits16").optim.freeze_last_layer_mode == "grad"
+
+
+def test_batch_subset_drop_path_threshold_and_token_init():
+    from dino_from_scratch.vit import VisionTransformer, ViTConfig
+    from dino_from_scratch.vit_v2 import dinov2_vit_config
+    from dino_from_scratch.vit_v3 import dinov3_vit_config
+    kw = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.05, drop_path_mode="uniform",
+              num_registers=4)
+    assert not any(b.batch_subset for b in VisionTransformer(ViTConfig(**kw)).blocks)                     # DINOv2: only above 0.1
+    assert all(b.batch_subset for b in VisionTransformer(ViTConfig(**kw, drop_path_subset_above=0.0)).blocks)   # DINOv3: any > 0
+    assert dinov3_vit_config("vits16").drop_path_subset_above == 0.0 and dinov2_vit_config("vits14").drop_path_subset_above == 0.1
+    torch.manual_seed(0)
+    v2 = VisionTransformer(ViTConfig(**{**kw, "embed_dim": 384, "num_heads": 6}, token_init="dinov2"))
+    v3 = VisionTransformer(ViTConfig(**{**kw, "embed_dim": 384, "num_heads": 6}, token_init="dinov3"))
+    assert v2.cls_token.std() < 1e-5 and v2.register_tokens.std() < 1e-5
+    assert 0.015 < v3.cls_token.std() < 0.025 and 0.015 < v3.register_tokens.std() < 0.025
+    assert get_recipe("dinov2_vitl14").model.token_init == "dinov2" and get_recipe("dinov3_vit7b16").model.token_init == "dinov3"
+    for name in ("dinov1_vits16", "dinov1_vitb16", "dinov2_vits14", "dinov2_vitg14"):
+        assert get_recipe(name).model.interpolate_offset == 0.1, name
+
+
+def test_official_presets_blur_with_torchvision_kernel_9(train_images):
+    from PIL import Image
+    from dino_from_scratch.data import RandomGaussianBlur
+    import torchvision.transforms.v2.functional as TF
+    img = Image.new("RGB", (32, 32)); img.putpixel((16, 16), (255, 255, 255))
+    torch.manual_seed(0)
+    out = RandomGaussianBlur(1.0, 1.0, 1.0, kernel_size=9)(img)
+    assert out.tobytes() == TF.gaussian_blur(img, [9, 9], [1.0, 1.0]).tobytes()
+    assert out.tobytes() != RandomGaussianBlur(1.0, 1.0, 1.0)(img).tobytes()         # PIL radius blur differs
+    for name in ("dinov2_vitl14", "dinov3_vitl16_im1k", "dinov3_vit7b16"):
+        c = get_recipe(name).data.crops
+        assert (c.blur_kernel, c.blur_radius) == (9, (0.1, 2.0)), name
+    assert get_recipe("dinov1_vits16").data.crops.blur_kernel == 0                   # DINOv1: PIL radius
