@@ -22,11 +22,12 @@ from .vit_v2 import dinov2_vit_config
 from .vit_v3 import dinov3_vit_config
 
 # %% auto #0
-__all__ = ['PRESETS', 'DataConfig', 'RunConfig', 'DistillConfig', 'Recipe', 'recipe_from_dict', 'dinov1_vits16', 'dinov1_vitb16',
-           'tiny_v1', 'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'tiny_v2', 'tiny_v3',
-           'dinov3_vit7b16', 'dinov3_vit7b16_gram', 'dinov3_vit7b16_highres', 'dinov3_vitl16', 'dinov3_vitl16_gram',
-           'dinov3_vitl16_highres', 'distill_tiny', 'distill_vits16_from_vitl16', 'get_recipe', 'override',
-           'save_recipe', 'load_recipe', 'recipe_diff']
+__all__ = ['DEVIATIONS', 'PRESETS', 'DataConfig', 'RunConfig', 'DistillConfig', 'Recipe', 'recipe_from_dict', 'derive',
+           'Deviation', 'with_deviations', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1', 'tiny_v2', 'tiny_v3',
+           'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'dinov3_vitl16_im1k', 'dinov3_vit7b16',
+           'dinov3_vit7b16_gram', 'dinov3_vit7b16_highres', 'dinov3_vitl16_7b_recipe', 'dinov3_vitl16_7b_recipe_gram',
+           'dinov3_vitl16_7b_recipe_highres', 'distill_vits16_from_vitl16', 'distill_tiny', 'get_recipe',
+           'fidelity_table', 'override', 'save_recipe', 'load_recipe', 'recipe_diff']
 
 # %% ../nbs/04_config.ipynb #00456fec
 @dataclass
@@ -55,9 +56,13 @@ class RunConfig:
     eval_at_end: bool = True      # kNN on the validation split + a patch-similarity figure
     knn_k: int = 20
     init_from: str | None = None  # start from the weights of this checkpoint / run directory (e.g. high-resolution adaptation)
+    init_student_from: str = "student"  # which network of `init_from` the student starts from: "student", or "teacher"
+                                        # (DINOv3 high-res: `student.resume_from_teacher_chkpt`, student and EMA = the teacher)
 
     def __post_init__(self):
         if self.mixed_precision is False: self.mixed_precision = "no"  # YAML reads a bare `no` as False
+        if self.init_student_from not in ("student", "teacher"):
+            raise ValueError(f"run.init_student_from must be 'student' or 'teacher', got {self.init_student_from!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"run.mixed_precision must be one of auto, no, bf16, fp16; got {self.mixed_precision!r}")
         for f in ("log_every", "ckpt_every", "keep_checkpoints", "knn_k"):
@@ -187,15 +192,60 @@ def recipe_from_dict(d: dict) -> Recipe:
     if unknown: raise KeyError(f"unknown recipe section(s) {sorted(unknown)}; valid sections: {', '.join(sorted(valid))}")
     return Recipe(**{k: (_from_dict(_section(k), v, k) if k in _SUB else v) for k, v in d.items()})
 
-# %% ../nbs/04_config.ipynb #3466cf42
+# %% ../nbs/04_config.ipynb #b570d2d4
+def derive(base: Recipe, changes: dict) -> Recipe:
+    """`base` with `changes` applied and re-validated. Keys are dotted paths ('optim.lr', 'data.crops.n_local'); a
+    whole section ('model') or a dict-valued field ('gram.weight_schedule') is replaced by the value (a dataclass or dict)."""
+    d = base.to_dict()
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = d
+        for i, k in enumerate(path):
+            if not isinstance(node.get(k), dict): raise KeyError(f"derive: unknown section {'.'.join(path[:i + 1])!r} in {key!r}")
+            node = node[k]
+        if last not in node: raise KeyError(f"derive: unknown field {key!r}; valid: {', '.join(sorted(node))}")
+        node[last] = asdict(value) if is_dataclass(value) else value
+    return recipe_from_dict(d)
+
+@dataclass(frozen=True)
+class Deviation:
+    "One place where a preset differs from the official configuration it cites: the field, both values, where, and why."
+    field: str          # a recipe field ('data.crops.local_size'), or a behaviour in words when no field holds it
+    ours: Any
+    official: Any
+    source: str         # official file:line
+    reason: str
+
+DEVIATIONS: dict[str, list[Deviation]] = {}   # preset name -> its deviations (filled next to each preset below)
+
+def with_deviations(name: str, changes: dict) -> dict:
+    "`changes` plus the field deviations registered for preset `name` (the preset then equals official + table)."
+    return {**changes, **{d.field: d.ours for d in DEVIATIONS.get(name, []) if "." in d.field and " " not in d.field}}
+
+# %% ../nbs/04_config.ipynb #cad351a7
+_FP = Deviation("run.mixed_precision", "auto", "fp16", "",
+                "auto = bf16 on CUDA: no loss scaling, fp32's range; set run.mixed_precision=fp16 to match")
+_V1 = "facebookresearch/dino "
+for _n in ("dinov1_vits16", "dinov1_vitb16"):
+    DEVIATIONS[_n] = [Deviation(**{**asdict(_FP), "source": _V1 + "main_dino.py:78 (--use_fp16 True)"})]
+
 def dinov1_vits16() -> Recipe:
-    "DINOv1 ViT-S/16 (`main_dino.py` defaults, with the README's teacher-temperature warm-up 0.04 -> 0.07 over 30 epochs)."
-    return Recipe(name="dinov1_vits16")
+    """DINOv1 ViT-S/16, the README's 'Full command' (README.md:197): `main_dino.py` defaults with 300 epochs, teacher
+    temperature 0.04 -> 0.07 over 30 epochs and a trainable weight-norm gain (`--norm_last_layer false`)."""
+    return derive(Recipe(), with_deviations("dinov1_vits16", {
+        "name": "dinov1_vits16", "optim.epochs": 300, "head.norm_last_layer": False,
+        "loss.teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 30,
+        "loss.teacher_temp_per_epoch": True,    # main_dino.py: the temperature schedule is indexed by epoch
+        "model.interpolate_offset": 0.1}))   # vision_transformer.py interpolate_pos_encoding: (w0 + 0.1) / sqrt(N)
 
 def dinov1_vitb16() -> Recipe:
-    "DINOv1 ViT-B/16 (as ViT-S/16 with the base backbone)."
-    return Recipe(name="dinov1_vitb16", model=ViTConfig(embed_dim=768, num_heads=12))
+    """DINOv1 ViT-B/16, the README's ViT-base command (README.md:180): `main_dino.py` defaults with `--arch vit_base`
+    (teacher temperature 0.04 throughout, weight-norm gain frozen at 1, 100 epochs)."""
+    return derive(dinov1_vits16(), with_deviations("dinov1_vitb16", {
+        "name": "dinov1_vitb16", "model.embed_dim": 768, "model.num_heads": 12, "optim.epochs": 100,
+        "head.norm_last_layer": True, "loss.teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 0}))
 
+# %% ../nbs/04_config.ipynb #ebd332fc
 def tiny_v1() -> Recipe:
     "DINOv1 shrunk to learn in ~20 minutes on a 2-core CPU on 128 px Imagenette (see the training chapter and LOG.md)."
     return Recipe(
@@ -211,47 +261,6 @@ def tiny_v1() -> Recipe:
                           freeze_last_layer_epochs=0.25, weight_decay=0.04, weight_decay_end=0.1),
         run=RunConfig(log_every=10, ckpt_every=500),
     )
-
-def _dinov2(name: str, arch: str, **over) -> Recipe:
-    """A DINOv2 recipe: `dinov2/configs/ssl_default_config.yaml`, then the per-model train config (`over`).
-    DINOv2's 'epoch' is a fixed 1,250 iterations (OFFICIAL_EPOCH_LENGTH), ours is a pass over the data."""
-    model, centering = over.pop("model", {}), over.pop("centering", "softmax")   # train.centering: both heads
-    r = Recipe(
-        name=name,
-        data=DataConfig(batch_size=over.pop("batch_size", 64), crops=MultiCropConfig(
-            global_size=224, local_size=98, n_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-            blur_p=(0.0, 0.9, 0.5))),   # what the official code applies (its blur probabilities are inverted; DESIGN.md 3)
-        model=dinov2_vit_config(arch, img_size=224, **{"drop_path_rate": 0.3, **model}),
-        head=HeadConfig(out_dim=65536, norm_last_layer=False),   # trainable weight-norm gain
-        loss=DINOLossConfig(koleo_weight=0.1, centering=centering),
-        optim=OptimConfig(epochs=100, lr=4e-3, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-                          momentum_teacher=0.992, lr_scaling="sqrt", layerwise_decay=0.9, patch_embed_lr_mult=0.2,
-                          clip_mode="module"),
-        ibot=IBOTConfig(loss_weight=1.0, out_dim=65536, separate_head=False, centering=centering),
-    )
-    for key, v in over.items():   # "section__field" keyword overrides from the per-model yaml
-        sec, f = key.split("__"); setattr(getattr(r, sec), f, v)
-    return recipe_from_dict(r.to_dict())   # re-validate
-
-def dinov2_vits14() -> Recipe:
-    "DINOv2's default recipe with ViT-S/14 (the released S/B/L were distilled from ViT-g; this trains one from scratch)."
-    return _dinov2("dinov2_vits14", "vits14", model={"drop_path_rate": 0.1})
-
-def dinov2_vitb14() -> Recipe:
-    "DINOv2's default recipe with ViT-B/14."
-    return _dinov2("dinov2_vitb14", "vitb14", model={"drop_path_rate": 0.1})
-
-_V2_LARGE = dict(centering="sinkhorn", batch_size=32, head__out_dim=131072, head__bottleneck_dim=384,
-                 ibot__separate_head=True, ibot__out_dim=131072, optim__momentum_teacher=0.994, optim__epochs=500,
-                 optim__weight_decay_end=0.2, optim__lr=2e-4, optim__warmup_epochs=80, optim__layerwise_decay=1.0)
-
-def dinov2_vitl14() -> Recipe:
-    "DINOv2 `configs/train/vitl14.yaml` (ImageNet-22k run: SwiGLU, drop-path 0.4, Sinkhorn-Knopp, 131k prototypes)."
-    return _dinov2("dinov2_vitl14", "vitl14", model={"drop_path_rate": 0.4, "ffn": "swiglu"}, **_V2_LARGE)
-
-def dinov2_vitg14() -> Recipe:
-    "DINOv2 `configs/train/vitg14.yaml` (the 1.1 B model of the paper; 12 images per GPU)."
-    return _dinov2("dinov2_vitg14", "vitg14", model={"drop_path_rate": 0.4}, **{**_V2_LARGE, "batch_size": 12})
 
 def tiny_v2() -> Recipe:
     """`tiny_v1` plus DINOv2's training objective at CPU scale: iBOT (separate head, 256 prototypes) on block masks,
@@ -289,110 +298,197 @@ def tiny_v3() -> Recipe:
                         highres_scale=2.0)   # 233 steps per epoch on imagenette2-128/train at batch 32
     return recipe_from_dict(r.to_dict())
 
-def _dinov3(name: str, arch: str, stage: str = "pretrain") -> Recipe:
-    """DINOv3's ViT-7B recipe, one of its three stages, with backbone `arch`: `dinov3/configs/train/`
-    `dinov3_vit7b16_pretrain.yaml`, `..._gram_anchor.yaml` and `..._high_res_adapt.yaml`. Epochs and Gram iterations
-    are DINOv3's (an epoch = `OFFICIAL_EPOCH_LENGTH` = 1,000 iterations; ours is a pass over the data).
-    The Gram stage continues the pretraining run (`branch_run` + `--resume`, from 1M iterations on); the high-res
-    stage starts from its weights (`--set run.init_from=RUN_DIR`) with a new 30-epoch schedule."""
-    crops = MultiCropConfig(global_size=256, local_size=112, n_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-                            flip_p=0.0,                 # crops.horizontal_flips: false
-                            blur_p=(0.0, 0.9, 0.5))     # GaussianBlur(p) keeps with 1 - p, as in DINOv2 (DESIGN.md 3)
-    r = Recipe(
-        name=name,
-        data=DataConfig(batch_size=16, crops=crops),                                      # 16 per GPU x 256 GPUs
-        model=dinov3_vit_config(arch, img_size=256, drop_path_rate=0.4),                 # layerscale 1e-5, 4 storage tokens
-        head=HeadConfig(out_dim=262144, hidden_dim=8192, bottleneck_dim=512, norm_last_layer=False),
-        loss=DINOLossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=100,
-                            koleo_weight=0.1, centering="sinkhorn"),
-        optim=OptimConfig(epochs=1000, lr=5e-5, min_lr=5e-5, warmup_epochs=100, weight_decay=0.04, weight_decay_end=0.04,
-                          momentum_teacher=0.994, momentum_teacher_end=0.994, clip_grad=30.0, freeze_last_layer_epochs=5,
-                          betas=(0.9, 0.99), lr_scaling="sqrt4", layerwise_decay=0.98, patch_embed_lr_mult=0.2,
-                          clip_mode="module", schedule="constant"),
-        ibot=IBOTConfig(loss_weight=1.0, out_dim=98304, separate_head=True, centering="sinkhorn", hidden_dim=4096,
-                        bottleneck_dim=384),
-        gram=GramConfig(loss_weight=0.0),
-    )
-    d = r.to_dict()
-    if stage == "gram":        # dinov3_vit7b16_gram_anchor.yaml: 200 more epochs with Gram anchoring from epoch 1,000
-        d["optim"].update(epochs=1200, lr=3e-5, min_lr=3e-5, momentum_teacher=0.999, momentum_teacher_end=0.999)
-        d["loss"]["local_weight_schedule"] = dict(start=1.0, peak=1.0, end=0.5, warmup_epochs=1000, cosine_epochs=1)
-        d["gram"] = asdict(GramConfig(loss_weight=1.0, it_first_update=1_010_000, update_frequency=10_000, max_updates=3,
-                                      weight_schedule=dict(start=0.0, peak=0.0, end=2.0, warmup_epochs=1000, cosine_epochs=1)))
-        d["data"]["crops"].update(gram_size=512, gram_no_distortion=True)
-    elif stage == "highres":   # dinov3_vit7b16_high_res_adapt.yaml: 30 epochs of mixed resolutions, Gram weight 1.5
-        d["data"]["batch_size"] = 8
-        d["data"]["crops"]["resolutions"] = [[512, 112, 768, 0.3], [768, 112, 1152, 0.3], [768, 160, 1152, 0.3],
-                                             [768, 224, 1152, 0.05], [768, 336, 1152, 0.05]]  # global_local_crop_pairs_ratios
-        # (official local size 168 = 10.5 patches, whose last 8 px the patch convolution drops: 160 here)
-        d["data"]["crops"]["gram_size"] = 768
-        d["optim"].update(epochs=30, lr=1.25e-5, min_lr=1.25e-5, warmup_epochs=10, freeze_last_layer_epochs=0,
-                          momentum_teacher=0.999, momentum_teacher_end=0.999)  # official: a 10-epoch cosine ramp 0 -> 1.25e-5
-        d["loss"].update(teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0,
-                         local_weight_schedule=dict(start=0.5, peak=0.5, end=0.5))
-        d["gram"] = asdict(GramConfig(loss_weight=1.5, it_first_update=0, max_updates=1))  # the teacher it starts from, fixed
-    elif stage != "pretrain": raise ValueError(f"unknown DINOv3 stage {stage!r}: pretrain, gram or highres")
-    d["name"] = name
-    return recipe_from_dict(d)
+# %% ../nbs/04_config.ipynb #81f11db4
+_V2 = "facebookresearch/dinov2 dinov2/configs/"
+_LOCAL98 = Deviation("data.crops.local_size", 98, 96, _V2 + "ssl_default_config.yaml:116",
+                     "96 px is not a multiple of patch 14 (6.9 patches); the official ViT-L/g configs use 98 (vitl14.yaml:26)")
+_FP2 = Deviation("run.mixed_precision", "auto", "fp16", _V2 + "ssl_default_config.yaml:9 (FSDP param_dtype fp16, grad_scaler)",
+                 "auto = bf16 on CUDA: no gradient scaler needed")
+_DISTILLED = Deviation("official config", "the default config with this backbone", "none: the released ViT-S/B were distilled "
+                       "from ViT-g", _V2 + "train/ (only vitl14.yaml, vitg14.yaml)", "a from-scratch recipe for the small backbones")
+DEVIATIONS |= {"dinov2_vits14": [_DISTILLED, _LOCAL98, _FP2], "dinov2_vitb14": [_DISTILLED, _LOCAL98, _FP2],
+               "dinov2_vitl14": [_FP2], "dinov2_vitg14": [_FP2]}
+
+def _dinov2_default(name: str, arch: str, train_yaml: dict | None = None) -> Recipe:
+    """DINOv2's `ssl_default_config.yaml` with backbone `arch`, as a diff of DINOv1's recipe. DINOv2's 'epoch' is a fixed
+    1,250 iterations (`train.OFFICIAL_EPOCH_LENGTH`), not a pass over the data. `train_yaml`: a `configs/train/*.yaml` diff."""
+    return derive(dinov1_vits16(), with_deviations(name, {
+        "name": name, "model": dinov2_vit_config(arch, img_size=224, drop_path_rate=0.3, interpolate_offset=0.1),
+        "data.crops.global_scale": (0.32, 1.0), "data.crops.local_scale": (0.05, 0.32), "data.crops.local_size": 96,
+        "data.crops.blur_p": (0.0, 0.9, 0.5),   # what the official code applies (its blur probabilities are inverted; DESIGN.md 3)
+        "data.crops.blur_kernel": 9,            # data/transforms.py GaussianBlur: torchvision kernel 9, sigma in [0.1, 2]
+        "optim.freeze_last_layer_mode": "lr",   # train.py: last_layer_lr_schedule is 0 for freeze_last_layer_epochs
+        "head.norm_last_layer": False,          # dinov2 DINOHead: weight-norm gain filled with 1, trainable
+        "loss.teacher_temp_per_epoch": False,   # train.py: CosineScheduler per iteration
+        "loss.koleo_weight": 0.1, "ibot": IBOTConfig(loss_weight=1.0, out_dim=65536, separate_head=False, centering="softmax"),
+        "optim.epochs": 100, "optim.lr": 4e-3, "optim.lr_scaling": "sqrt", "optim.momentum_teacher": 0.992,
+        "optim.layerwise_decay": 0.9, "optim.patch_embed_lr_mult": 0.2, "optim.clip_mode": "module", "optim.epoch_length": 1250,
+        **(train_yaml or {})}))
+
+def dinov2_vits14() -> Recipe:
+    "DINOv2's default config with ViT-S/14. No official from-scratch config exists (the released ViT-S/14 was distilled from ViT-g)."
+    return _dinov2_default("dinov2_vits14", "vits14")
+
+def dinov2_vitb14() -> Recipe:
+    "DINOv2's default config with ViT-B/14. No official from-scratch config exists (the released ViT-B/14 was distilled from ViT-g)."
+    return _dinov2_default("dinov2_vitb14", "vitb14")
+
+def dinov2_vitl14() -> Recipe:
+    "DINOv2 `configs/train/vitl14.yaml` (ImageNet-22k: SwiGLU, drop-path 0.4, Sinkhorn-Knopp, 131k prototypes, 500 epochs)."
+    return _dinov2_default("dinov2_vitl14", "vitl14", {
+        "model.drop_path_rate": 0.4, "model.ffn": "swiglu", "data.batch_size": 32, "data.crops.local_size": 98,
+        "loss.centering": "sinkhorn", "ibot.centering": "sinkhorn", "head.out_dim": 131072, "head.bottleneck_dim": 384,
+        "ibot.separate_head": True, "ibot.out_dim": 131072, "ibot.bottleneck_dim": 256,   # the iBOT head keeps the default 256
+        "optim.momentum_teacher": 0.994, "optim.epochs": 500, "optim.weight_decay_end": 0.2, "optim.lr": 2e-4,
+        "optim.warmup_epochs": 80, "optim.layerwise_decay": 1.0})
+
+def dinov2_vitg14() -> Recipe:
+    "DINOv2 `configs/train/vitg14.yaml`: `vitl14.yaml` with the 1.1 B ViT-g/14 and 12 images per GPU."
+    return derive(dinov2_vitl14(), with_deviations("dinov2_vitg14", {
+        "name": "dinov2_vitg14", "data.batch_size": 12,
+        "model": dinov2_vit_config("vitg14", img_size=224, drop_path_rate=0.4, interpolate_offset=0.1)}))
+
+# %% ../nbs/04_config.ipynb #26d1da34
+_V3 = "facebookresearch/dinov3 dinov3/configs/train/"
+_KOLEO16 = Deviation("KoLeo over a group of 16 ranks", "per process", "koleo_loss_distributed, group size 16",
+                     _V3 + "dinov3_vit7b16_high_res_adapt.yaml:19-22", "distributed KoLeo is not implemented; per-process KoLeo")
+_RAMP = Deviation("lr ramp shape", "linear 0 -> peak over warmup_epochs", "cosine 0 -> peak over cosine_epochs",
+                  "", "our constant schedule ramps linearly (same length, same peak)")
+_SHARD = Deviation("shard.strategy", "ddp", "FSDP SHARD_GRAD_OP", _V3 + "dinov3_vit7b16_pretrain.yaml:9",
+                   "the preset stays runnable on one process; set shard.strategy=fsdp for the 7B on GPUs (chapter 23)")
+_FP8 = Deviation("fp8 matmuls in the blocks", "none (bf16)", "fp8_enabled: true", _V3 + "dinov3_vit7b16_pretrain.yaml:89",
+                 "fp8 training is outside this book's scope")
+_GRAMCKPT = Deviation("gram.ckpt", "runs/dinov3_vit7b16", "ignore (a path given at launch)", _V3 + "dinov3_vit7b16_gram_anchor.yaml:51",
+                      "the official config leaves the path to the launch; ours points at the pretraining preset's run directory")
+_HR_CKPT = Deviation("gram.ckpt", "runs/dinov3_vit7b16_gram", "(a path given at launch)", _V3 + "dinov3_vit7b16_high_res_adapt.yaml:46-51",
+                     "the official config leaves gram.ckpt and student.resume_from_teacher_chkpt (line 98) to the launch")
+_L168 = Deviation("data.crops.resolutions[2] local size", 160, 168, _V3 + "dinov3_vit7b16_high_res_adapt.yaml:171",
+                  "168 px = 10.5 patches of 16, whose last 8 px the patch convolution drops: 160 keeps the same grid")
+DEVIATIONS |= {"dinov3_vitl16_im1k": [],
+               "dinov3_vit7b16": [_SHARD, _FP8], "dinov3_vit7b16_gram": [_SHARD, _FP8, _GRAMCKPT],
+               "dinov3_vit7b16_highres": [_SHARD, _FP8, _HR_CKPT, _L168, _KOLEO16,
+                                          Deviation(**{**asdict(_RAMP), "source": _V3 + "dinov3_vit7b16_high_res_adapt.yaml:203-209"})]}
+
+def dinov3_vitl16_im1k() -> Recipe:
+    """DINOv3's own ViT-L/16 ImageNet-1k recipe (`vitl_im1k_lin834.yaml`: 82.2 k-NN, 83.3 linear at 2,048 images per
+    batch): DINOv2's default config with RoPE (no storage tokens, no rescale), DINOv3's plain linear heads and mask
+    sampling, a separate iBOT head, Sinkhorn-Knopp, and the `4 sqrt(B/1024)` lr rule (DINOv3 `apply_scaling_rules_to_cfg`)."""
+    return _dinov2_default("dinov3_vitl16_im1k", "vitl14", {
+        "model": dinov3_vit_config("vitl16", img_size=224, drop_path_rate=0.3, num_registers=0, mask_k_bias=False,
+                                   rope_rescale=None, norm_eps=1e-6),   # norm_layer: layernorm (eps 1e-6)
+        "data.crops.local_size": 96, "head.last_layer": "linear", "mask.mode": "v3",
+        "ibot.separate_head": True, "loss.centering": "sinkhorn", "ibot.centering": "sinkhorn",
+        "optim.lr": 1e-3, "optim.lr_scaling": "sqrt4"})
 
 def dinov3_vit7b16() -> Recipe:
-    "DINOv3 ViT-7B/16 pretraining (`dinov3_vit7b16_pretrain.yaml`: 1M iterations, 256 GPUs x 16 images, constant schedules)."
-    return _dinov3("dinov3_vit7b16", "vit7b16")
+    """DINOv3 ViT-7B/16 pretraining (`dinov3_vit7b16_pretrain.yaml`: 1,000 epochs of 1,000 iterations, 256 GPUs x 16
+    images, `schedules` v2: warm-up then constant lr / weight decay / momentum)."""
+    return derive(dinov3_vitl16_im1k(), with_deviations("dinov3_vit7b16", {
+        "name": "dinov3_vit7b16", "model": dinov3_vit_config("vit7b16", img_size=256, drop_path_rate=0.4),
+        "data.batch_size": 16, "data.crops.global_size": 256, "data.crops.local_size": 112,
+        "data.crops.flip_p": 0.0,               # crops.horizontal_flips: false
+        "head.out_dim": 262144, "head.hidden_dim": 8192, "head.bottleneck_dim": 512,
+        "ibot.out_dim": 98304, "ibot.hidden_dim": 4096, "ibot.bottleneck_dim": 384,
+        "loss.teacher_temp": 0.07, "loss.warmup_teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 100,
+        "optim.schedule": "constant", "optim.epochs": 1000, "optim.epoch_length": 1000, "optim.lr": 5e-5, "optim.min_lr": 5e-5,
+        "optim.warmup_epochs": 100, "optim.weight_decay_end": 0.04, "optim.momentum_teacher": 0.994,
+        "optim.momentum_teacher_end": 0.994, "optim.clip_grad": 30.0, "optim.freeze_last_layer_epochs": 5,
+        "optim.betas": (0.9, 0.99), "optim.layerwise_decay": 0.98}))
 
 def dinov3_vit7b16_gram() -> Recipe:
-    "DINOv3 ViT-7B/16 Gram-anchoring stage (`dinov3_vit7b16_gram_anchor.yaml`), resumed from the pretraining run."
-    return _dinov3("dinov3_vit7b16_gram", "vit7b16", "gram")
+    """DINOv3 ViT-7B/16 Gram-anchoring stage (`dinov3_vit7b16_gram_anchor.yaml`): 200 more epochs, continuing the
+    pretraining run (`branch_run` + `--resume`). The first Gram teacher is the pretraining run's EMA teacher
+    (`gram.ckpt`), loaded at the stage start; the Gram weight ramps 0 -> 2 from epoch 1,000; refreshes at 1,010,000,
+    1,020,000 and 1,030,000 iterations."""
+    return derive(dinov3_vit7b16(), with_deviations("dinov3_vit7b16_gram", {
+        "name": "dinov3_vit7b16_gram", "optim.epochs": 1200, "optim.lr": 3e-5, "optim.min_lr": 3e-5,
+        "optim.momentum_teacher": 0.999, "optim.momentum_teacher_end": 0.999,
+        "loss.local_weight_schedule": dict(start=1.0, peak=1.0, end=0.5, warmup_epochs=1000, cosine_epochs=1),
+        "gram": GramConfig(loss_weight=1.0, it_first_update=1_010_000, update_frequency=10_000, max_updates=3,
+                           weight_schedule=dict(start=0.0, peak=0.0, end=2.0, warmup_epochs=1000, cosine_epochs=1)),
+        "data.crops.gram_size": 512, "data.crops.gram_no_distortion": True}))
 
 def dinov3_vit7b16_highres() -> Recipe:
-    "DINOv3 ViT-7B/16 high-resolution adaptation (`dinov3_vit7b16_high_res_adapt.yaml`), from the Gram stage's weights."
-    return _dinov3("dinov3_vit7b16_highres", "vit7b16", "highres")
+    """DINOv3 ViT-7B/16 high-resolution adaptation (`dinov3_vit7b16_high_res_adapt.yaml`): 30 epochs of mixed resolutions,
+    student and EMA teacher both starting from the Gram stage's teacher (`student.resume_from_teacher_chkpt`), which is
+    also the fixed Gram teacher (`gram.ckpt`, `rep_update: false`), Gram weight 1.5."""
+    return derive(dinov3_vit7b16_gram(), with_deviations("dinov3_vit7b16_highres", {
+        "name": "dinov3_vit7b16_highres", "data.batch_size": 8, "data.crops.gram_size": 768,
+        "data.crops.resolutions": [[512, 112, 768, 0.3], [768, 112, 1152, 0.3], [768, 160, 1152, 0.3],
+                                   [768, 224, 1152, 0.05], [768, 336, 1152, 0.05]],   # global_local_crop_pairs_ratios (160: see the table)
+        "optim.epochs": 30, "optim.lr": 1.25e-5, "optim.min_lr": 1.25e-5, "optim.warmup_epochs": 10,
+        "optim.freeze_last_layer_epochs": 0,
+        "loss.warmup_teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 0,
+        "loss.local_weight_schedule": dict(start=0.5, peak=0.5, end=0.5),
+        "gram": GramConfig(loss_weight=1.5, it_first_update=1_010_000, max_updates=3),   # never reached in 30,000 iterations
+        "run.init_from": "runs/dinov3_vit7b16_gram", "run.init_student_from": "teacher"}))
 
-def dinov3_vitl16() -> Recipe:
-    "The ViT-7B pretraining recipe with a ViT-L/16 backbone (the released ViT-L/16 was distilled from 7B; this trains one)."
-    return _dinov3("dinov3_vitl16", "vitl16")
+# %% ../nbs/04_config.ipynb #87f3ffbc
+_ON_L = Deviation("model", "ViT-L/16 (dinov3 `vitl16`)", "vit_7b", _V3 + "dinov3_vit7b16_pretrain.yaml:61",
+                  "the 7B recipe on a ViT-L backbone; DINOv3's own ViT-L recipe is `dinov3_vitl16_im1k`, the released ViT-L was distilled")
+_L_RUNS = {"dinov3_vitl16_7b_recipe": None, "dinov3_vitl16_7b_recipe_gram": "runs/dinov3_vitl16_7b_recipe",
+           "dinov3_vitl16_7b_recipe_highres": "runs/dinov3_vitl16_7b_recipe_gram"}   # name -> its gram.ckpt (and init_from)
+for _n, _base in zip(_L_RUNS, ("dinov3_vit7b16", "dinov3_vit7b16_gram", "dinov3_vit7b16_highres")):
+    DEVIATIONS[_n] = [_ON_L] + [dataclasses.replace(d, ours=_L_RUNS[_n]) if d.field == "gram.ckpt" else d for d in DEVIATIONS[_base]]
 
-def dinov3_vitl16_gram() -> Recipe:
-    "`dinov3_vitl16`'s Gram-anchoring stage (the 7B stage's settings)."
-    return _dinov3("dinov3_vitl16_gram", "vitl16", "gram")
+def _on_vitl16(recipe: Recipe, name: str) -> Recipe:
+    "`recipe` with a ViT-L/16 backbone, reading its Gram teacher / initial weights from the ViT-L runs."
+    paths = {"gram.ckpt": _L_RUNS[name]} if _L_RUNS[name] else {}
+    if recipe.run.init_from: paths["run.init_from"] = _L_RUNS[name]
+    return derive(recipe, {"name": name, "model": dinov3_vit_config("vitl16", img_size=256, drop_path_rate=0.4), **paths})
 
-def dinov3_vitl16_highres() -> Recipe:
-    "`dinov3_vitl16`'s high-resolution stage (the 7B stage's settings)."
-    return _dinov3("dinov3_vitl16_highres", "vitl16", "highres")
+def dinov3_vitl16_7b_recipe() -> Recipe:
+    "The ViT-7B pretraining recipe on a ViT-L/16 backbone (not an official run: see `dinov3_vitl16_im1k`)."
+    return _on_vitl16(dinov3_vit7b16(), "dinov3_vitl16_7b_recipe")
+
+def dinov3_vitl16_7b_recipe_gram() -> Recipe:
+    "`dinov3_vitl16_7b_recipe`'s Gram-anchoring stage (the 7B stage's settings; Gram teacher from that run)."
+    return _on_vitl16(dinov3_vit7b16_gram(), "dinov3_vitl16_7b_recipe_gram")
+
+def dinov3_vitl16_7b_recipe_highres() -> Recipe:
+    "`dinov3_vitl16_7b_recipe`'s high-resolution stage (the 7B stage's settings; starts from that Gram stage's teacher)."
+    return _on_vitl16(dinov3_vit7b16_highres(), "dinov3_vitl16_7b_recipe_highres")
+
+# %% ../nbs/04_config.ipynb #ae7cbbf1
+_VD = _V3 + "dinov3_vitl16_lvd1689m_distilled.yaml"
+DEVIATIONS["distill_vits16_from_vitl16"] = [
+    Deviation("distill.teacher", "dinov3_vitl16_pretrain_lvd1689m.pth", "the 7B high-res teacher with its trained DINO/iBOT heads",
+              _VD + ":149-150", "the 7B teacher checkpoint with heads is not released: the released ViT-L/16 backbone with new, frozen heads"),
+    Deviation("EMA momentum schedule", "held at 0.994 (constant schedule)", "cosine 0.994 -> 1.0 over the 20 epochs",
+              _VD + ":243-247", "our constant schedule holds the momentum"),
+    Deviation("lr ramp shape", "linear 0 -> 5e-5 over 10 epochs", "cosine 0 -> 5e-5 over 10 epochs (cosine_epochs)",
+              _VD + ":236-242", "our constant schedule ramps linearly"),
+    _SHARD]
+
+def distill_vits16_from_vitl16() -> Recipe:
+    """DINOv3 distillation (`dinov3_vitl16_lvd1689m_distilled.yaml`, `MultiDistillationMetaArch`): a ViT-S/16 student
+    (drop-path 0) taught by a frozen teacher. Official teacher: the ViT-7B after high-resolution adaptation, with its
+    trained heads (`distillation.checkpoint_path`); here the released ViT-L/16 weights (`distill.teacher`), whose
+    DINO/iBOT heads are new and frozen (chapter 25). Crops 256/112 x 8, heads 262,144 / 98,304 prototypes, 20 epochs of
+    1,250 iterations, lr ramp to 5e-5 (x 4 sqrt(B/1024)) then held, teacher temperature 0.07, weight decay 0.04,
+    EMA momentum 0.994 -> 1.0 (cosine; ours held at 0.994). The table lists the differences."""
+    return derive(dinov3_vit7b16(), with_deviations("distill_vits16_from_vitl16", {
+        "name": "distill_vits16_from_vitl16", "model": dinov3_vit_config("vits16", img_size=256, drop_path_rate=0.0),
+        "data.batch_size": 40,   # multidistillation.global_batch_size 1,920 over the ViT-S group's 48 GPUs
+        "loss.warmup_teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 0,
+        "optim.epochs": 20, "optim.epoch_length": 1250, "optim.lr": 5e-5, "optim.min_lr": 5e-5, "optim.warmup_epochs": 10,
+        "optim.momentum_teacher_end": 1.0, "optim.clip_grad": 3.0, "optim.freeze_last_layer_epochs": 0,
+        "optim.betas": (0.9, 0.999), "optim.layerwise_decay": 0.99,
+        "distill": DistillConfig(enabled=True, teacher="dinov3_vitl16_pretrain_lvd1689m.pth", teacher_source="official")}))
 
 def distill_tiny() -> Recipe:
     """Chapter 25 at CPU scale: the trained `tiny_v2` run in runs/tiny_v2 (`dino-train --recipe tiny_v2`) teaches a
     half-width student (embed 64, 0.25 M backbone parameters; the teacher has 0.9 M) with tiny_v2's objective, the
     student unmasked, no Gram term, 3 epochs. `benchmarks/distill.py` compares it with the same student from scratch."""
-    d = tiny_v2().to_dict()
-    d["name"] = "distill_tiny"
-    d["model"]["embed_dim"] = 64
-    d["optim"]["epochs"] = 3
-    d["distill"] = asdict(DistillConfig(enabled=True, teacher="runs/tiny_v2"))
-    return recipe_from_dict(d)
+    return derive(tiny_v2(), {"name": "distill_tiny", "model.embed_dim": 64, "optim.epochs": 3,
+                              "distill": DistillConfig(enabled=True, teacher="runs/tiny_v2")})
 
-def distill_vits16_from_vitl16() -> Recipe:
-    """DINOv3 distillation (`dinov3_vitl16_lvd1689m_distilled.yaml`, `MultiDistillationMetaArch`): a ViT-S/16 student
-    (`vits16`, drop-path 0) taught by the DINOv3 ViT-L/16 from official weights. Set `distill.teacher` to the weights
-    file (e.g. dinov3_vitl16_pretrain_lvd1689m-*.pth); official files hold no heads, so the teacher's DINO/iBOT heads
-    are new and frozen (chapter 25). Crops 256/112 x 8 and heads 262,144 / 98,304 prototypes as in `_dinov3`.
-    Schedules: the config's `schedules` section (what DINOv3 runs): lr a 10-epoch ramp 0 -> 5e-5 (x 4 sqrt(B/1024)),
-    then held; teacher temperature 0.07; weight decay 0.04; 20 epochs of 1,250 iterations. Differences: our ramp is
-    linear (theirs a cosine), and our constant schedule holds the EMA momentum at 0.994 (theirs goes to 1.0)."""
-    d = _dinov3("distill_vits16_from_vitl16", "vits16").to_dict()
-    d["model"] = asdict(dinov3_vit_config("vits16", img_size=256, drop_path_rate=0.0))   # student.drop_path_rate: 0.0
-    d["data"]["batch_size"] = 40   # multidistillation.global_batch_size 1,920 over the ViT-S group's 48 GPUs
-    d["loss"].update(teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
-    d["optim"].update(epochs=20, lr=5e-5, min_lr=5e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.04,
-                      momentum_teacher=0.994, momentum_teacher_end=1.0, clip_grad=3.0, freeze_last_layer_epochs=0,
-                      betas=(0.9, 0.999), lr_scaling="sqrt4", layerwise_decay=0.99, patch_embed_lr_mult=0.2,
-                      schedule="constant")
-    d["distill"] = asdict(DistillConfig(enabled=True, teacher="dinov3_vitl16_pretrain_lvd1689m.pth", teacher_source="official"))
-    return recipe_from_dict(d)
-
-PRESETS = {f.__name__: f for f in (dinov1_vits16, dinov1_vitb16, tiny_v1, dinov2_vits14, dinov2_vitb14,
-                                   dinov2_vitl14, dinov2_vitg14, tiny_v2, tiny_v3, dinov3_vitl16, dinov3_vitl16_gram,
-                                   dinov3_vitl16_highres, dinov3_vit7b16, dinov3_vit7b16_gram, dinov3_vit7b16_highres, distill_tiny,
-                                   distill_vits16_from_vitl16)}
+# %% ../nbs/04_config.ipynb #9bcba47e
+PRESETS = {f.__name__: f for f in (dinov1_vits16, dinov1_vitb16, tiny_v1, dinov2_vits14, dinov2_vitb14, dinov2_vitl14,
+                                   dinov2_vitg14, tiny_v2, tiny_v3, dinov3_vitl16_im1k, dinov3_vit7b16, dinov3_vit7b16_gram,
+                                   dinov3_vit7b16_highres, dinov3_vitl16_7b_recipe, dinov3_vitl16_7b_recipe_gram,
+                                   dinov3_vitl16_7b_recipe_highres, distill_tiny, distill_vits16_from_vitl16)}
+_NOT_OFFICIAL = {"tiny_v1", "tiny_v2", "tiny_v3", "distill_tiny"}   # CPU-scale recipes (LOG.md), no official counterpart
 
 def get_recipe(name_or_path: str) -> Recipe:
     "A preset by name, or a YAML file written by `save_recipe`."
@@ -400,6 +496,16 @@ def get_recipe(name_or_path: str) -> Recipe:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists(): return load_recipe(p)
     raise KeyError(f"unknown recipe {name_or_path!r}; valid recipes: {', '.join(sorted(PRESETS))} (or a path to a .yaml file)")
+
+def fidelity_table() -> str:
+    "Markdown: for every official preset, each field whose value differs from the official configuration, where, and why."
+    rows = ["| preset | field | ours | official | official source | reason |", "|---|---|---|---|---|---|"]
+    for name in PRESETS:
+        if name in _NOT_OFFICIAL: continue
+        devs = DEVIATIONS.get(name, [])
+        if not devs: rows.append(f"| `{name}` | (matches the official config) | | | | |")
+        for d in devs: rows.append(f"| `{name}` | `{d.field}` | {d.ours} | {d.official} | {d.source} | {d.reason} |")
+    return "\n".join(rows)
 
 # %% ../nbs/04_config.ipynb #9f5cfa18
 def override(recipe: Recipe, assignments: list[str] = ()) -> Recipe:

@@ -211,6 +211,7 @@ class MultiCropConfig:
     gray_p: float = 0.2
     blur_p: tuple = (1.0, 0.1, 0.5)      # global 1, global 2, local
     blur_radius: tuple = (0.1, 2.0)
+    blur_kernel: int = 0                 # 0: PIL blur of radius ~ U(blur_radius) (DINOv1); 9: torchvision's kernel 9, sigma ~ U(blur_radius) (DINOv2/v3)
     solarize_p: float = 0.2              # second global crop only
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -242,12 +243,14 @@ class MultiCropConfig:
 
 # %% ../nbs/00_data.ipynb #b32e2873
 class RandomGaussianBlur(torch.nn.Module):
-    "With probability `p`, a PIL Gaussian blur of radius ~ U(radius_min, radius_max) (DINOv1's `GaussianBlur`)."
-    def __init__(self, p: float, radius_min=0.1, radius_max=2.0):
-        super().__init__(); self.p, self.rmin, self.rmax = p, radius_min, radius_max
+    """With probability `p`, a PIL Gaussian blur of radius ~ U(radius_min, radius_max) (DINOv1's `GaussianBlur`), or with
+    `kernel_size` > 0 torchvision's blur with that kernel and sigma ~ U(radius_min, radius_max) (DINOv2/v3: kernel 9)."""
+    def __init__(self, p: float, radius_min=0.1, radius_max=2.0, kernel_size: int = 0):
+        super().__init__(); self.p, self.rmin, self.rmax, self.k = p, radius_min, radius_max, kernel_size
     def forward(self, img):
         if torch.rand(()) >= self.p: return img
         r = self.rmin + (self.rmax - self.rmin) * torch.rand(()).item()
+        if self.k: return T.functional.gaussian_blur(img, [self.k, self.k], [r, r])
         return img.filter(ImageFilter.GaussianBlur(radius=r))
 
 class MultiCrop:
@@ -269,7 +272,7 @@ class MultiCrop:
         big = max(g, gram)   # DINOv3 crops once at the larger size, then resizes for the student and the Gram teacher
         to_g = [T.Resize(g, interpolation=bicubic)] if big != g else []
         geo = T.Compose([T.RandomResizedCrop(big, c.global_scale, interpolation=bicubic), T.RandomHorizontalFlip(c.flip_p)])
-        post = [RandomGaussianBlur(c.blur_p[0], *c.blur_radius)], [RandomGaussianBlur(c.blur_p[1], *c.blur_radius),
+        post = [RandomGaussianBlur(c.blur_p[0], *c.blur_radius, c.blur_kernel)], [RandomGaussianBlur(c.blur_p[1], *c.blur_radius, c.blur_kernel),
                                                                    T.RandomSolarize(128, p=c.solarize_p)]
         self._pipes[group] = p = {
             "geo": geo, "size": (g, gram),
@@ -278,7 +281,7 @@ class MultiCrop:
             "to_g": T.Compose(to_g or [T.Identity()]), "to_gram": T.Resize(gram, interpolation=bicubic) if gram else None,
             "plain": T.Compose(to_tensor),
             "local": T.Compose([T.RandomResizedCrop(l, c.local_scale, interpolation=bicubic), T.RandomHorizontalFlip(c.flip_p),
-                                *color, RandomGaussianBlur(c.blur_p[2], *c.blur_radius), *to_tensor])}
+                                *color, RandomGaussianBlur(c.blur_p[2], *c.blur_radius, c.blur_kernel), *to_tensor])}
         return p
 
     def __call__(self, img, group: int = 0) -> list[torch.Tensor]:

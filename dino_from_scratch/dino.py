@@ -26,10 +26,13 @@ class HeadConfig:
     bottleneck_dim: int = 256
     nlayers: int = 3
     norm_last_layer: bool = True   # freeze the weight-norm gain at 1 (DINOv1 default)
+    last_layer: str = "weight_norm"  # "weight_norm" (DINOv1/v2) | "linear": a plain bias-free linear layer (DINOv3 `dino_head.py`)
 
     def __post_init__(self):
         for f in ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers"):
             if getattr(self, f) < 1: raise ValueError(f"head.{f} must be >= 1, got {getattr(self, f)}")
+        if self.last_layer not in ("weight_norm", "linear"):
+            raise ValueError(f"head.last_layer must be 'weight_norm' or 'linear', got {self.last_layer!r}")
 
 class WeightNormLinear(nn.Module):
     "Linear layer without bias whose rows are w_k = g_k * v_k / ||v_k|| (weight normalisation, Salimans & Kingma 2016)."
@@ -56,14 +59,16 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2: layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, freeze_g=cfg.norm_last_layer)
+        self.last_layer = (nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False) if cfg.last_layer == "linear" else
+                           WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, freeze_g=cfg.norm_last_layer))
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear): nn.init.trunc_normal_(m.weight, std=0.02); nn.init.zeros_(m.bias)
-        self.last_layer.reset_parameters()
+        if isinstance(self.last_layer, nn.Linear): nn.init.trunc_normal_(self.last_layer.weight, std=0.02)  # DINOv3's init
+        else: self.last_layer.reset_parameters()
 
     def forward(self, x):
         x = F.normalize(self.mlp(x), dim=-1, p=2)
@@ -77,6 +82,8 @@ class DINOLossConfig:
     teacher_temp: float = 0.07             # final teacher temperature
     warmup_teacher_temp: float = 0.04      # starting teacher temperature
     warmup_teacher_temp_epochs: float = 30
+    teacher_temp_per_epoch: bool = False   # DINOv1 (`main_dino.py`): the warm-up changes once per epoch (a staircase); False:
+                                           # per step (DINOv2/v3 build the schedule per iteration)
     center_momentum: float = 0.9
     centering: str = "softmax"             # "softmax": EMA center (DINOv1); "sinkhorn": Sinkhorn-Knopp (DINOv2, chapter 08);
                                            # "none": no centering (the collapse demo). true/false mean softmax/none.
@@ -132,8 +139,10 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out):
-        "c <- m c + (1 - m) mean(teacher outputs), the mean taken over views, batch and processes."
-        batch_center = _all_reduce_mean(teacher_out.float().mean(dim=(0, 1)))[None]
+        "c <- m c + (1 - m) mean(teacher outputs [..., K]: [T, B, K] or [N, K]), the mean over every row and process."
+        if teacher_out.dim() < 2 or teacher_out.shape[-1] != self.center.shape[-1]:
+            raise ValueError(f"update_center needs teacher outputs [..., {self.center.shape[-1]}], got {tuple(teacher_out.shape)}")
+        batch_center = _all_reduce_mean(teacher_out.float().reshape(-1, teacher_out.shape[-1]).mean(0))[None]
         self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1 - self.cfg.center_momentum)
 
 # %% ../nbs/02_dino_loss.ipynb #e9645998

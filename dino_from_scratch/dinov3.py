@@ -5,6 +5,7 @@
 # %% ../nbs/22_dinov3.ipynb #eaa188e2
 from __future__ import annotations
 import copy, math
+from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
@@ -13,11 +14,12 @@ import torch.nn.functional as F
 from .gram import GramConfig, gram_loss, gram_refresh_due, resize_patch_features
 from .dinov3_loss import dino_pairs_loss, dinov3_loss_scales
 from .schedules_v3 import ScheduleV2
+from .checkpoint import find_checkpoint, state_dict_of
 from .train import Trainer
 from .dinov2 import DINOv2Trainer
 
 # %% auto #0
-__all__ = ['GramAnchor', 'DINOv3Trainer', 'trainer_class']
+__all__ = ['GramAnchor', 'DINOv3Trainer', 'add_v3_weight_schedules', 'trainer_class']
 
 # %% ../nbs/22_dinov3.ipynb #f0a63aee
 class GramAnchor(nn.Module):
@@ -32,6 +34,19 @@ class GramAnchor(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode); self.backbone.eval()   # the Gram teacher is always in eval mode (no jitter, no drop-path)
         return self
+
+    @torch.no_grad()
+    def load_teacher_of(self, path, load=None) -> str:
+        """The first Gram teacher from a checkpoint file or run directory (newest good checkpoint): its EMA teacher's
+        backbone (official `gram.ckpt`, the end of the pretraining stage; heads and centers are not used). Counts as a snapshot."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"gram.ckpt: {path} does not exist (give the pretraining run directory or a checkpoint file)")
+        src, tensors, _ = find_checkpoint(path)
+        sd = state_dict_of(tensors, "teacher.backbone")
+        if not sd: raise ValueError(f"gram.ckpt: {src} holds no teacher backbone (tensors 'teacher.backbone.*')")
+        (load or (lambda m, s: m.load_state_dict(s)))(self.backbone, sd)
+        self.n_updates += 1
+        return str(src)
 
     @torch.no_grad()
     def refresh(self, ema_backbone: nn.Module):
@@ -54,6 +69,13 @@ class GramAnchor(nn.Module):
 
 class DINOv3Trainer(DINOv2Trainer):
     "DINOv2's trainer with DINOv3's DINO-loss weighting and one more loss term, Gram anchoring (everything else is inherited)."
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        g, ckpt = self.loss_fn["gram"], self.recipe.gram.ckpt
+        if ckpt and int(g.n_updates) == 0:   # a new Gram stage (or one branched from a run without Gram): load gram.ckpt
+            src = g.load_teacher_of(ckpt, self.load_weights)
+            if self.verbose: print(f"[gram] Gram teacher from {src}")
+
     def build_losses(self) -> nn.ModuleDict:
         losses = super().build_losses()
         losses["gram"] = GramAnchor(self.teacher.backbone, self.recipe.gram)
@@ -63,11 +85,7 @@ class DINOv3Trainer(DINOv2Trainer):
     def setup_schedules(self):
         "DINOv2's schedules plus two per-step weights: the local-crop DINO weight and the Gram weight (chapter 20)."
         super().setup_schedules()
-        spe, epochs = self.batches.per_epoch, len(self.sched) / self.batches.per_epoch
-        for name, spec, default in (("local_weight", self.recipe.loss.local_weight_schedule, 1.0),
-                                    ("gram_weight", self.recipe.gram.weight_schedule, self.recipe.gram.loss_weight)):
-            values = ScheduleV2.from_dict(spec).values(spe, epochs) if spec else np.full(len(self.sched), default)
-            self.sched.add(name, values)
+        add_v3_weight_schedules(self.recipe, self.sched)
 
     def dino_term(self, student_logits: torch.Tensor, targets: dict) -> torch.Tensor:
         "Global pairs without the diagonal + local pairs, weighted by their numbers of pairs and the local weight."
@@ -96,6 +114,14 @@ class DINOv3Trainer(DINOv2Trainer):
         if s == 1: return images
         p = self.recipe.model.patch_size
         return F.interpolate(images, size=[round(n * s / p) * p for n in images.shape[-2:]], mode="bicubic", align_corners=False)
+
+
+def add_v3_weight_schedules(recipe, sched):
+    "Add DINOv3's per-step `local_weight` and `gram_weight` to `sched`, in its epochs (`optim.epoch_length` iterations when set)."
+    spe, epochs = sched.steps_per_epoch, len(sched) / sched.steps_per_epoch
+    for name, spec, default in (("local_weight", recipe.loss.local_weight_schedule, 1.0),
+                                ("gram_weight", recipe.gram.weight_schedule, recipe.gram.loss_weight)):
+        sched.add(name, ScheduleV2.from_dict(spec).values(spe, epochs) if spec else np.full(len(sched), default))
 
 
 def trainer_class(recipe) -> type:

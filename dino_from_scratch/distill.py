@@ -165,7 +165,8 @@ class DistillTrainer(DINOv2Trainer):
     def setup_optimizer(self):
         if not self.group_mode: return super().setup_optimizer()
         o = self.recipe.optim   # DDP inside this student's group only (Accelerate would span every process)
-        self.opt = torch.optim.AdamW(param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult), lr=0.0, betas=o.betas)
+        self.opt = torch.optim.AdamW(param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult,
+                                                   o.freeze_last_layer_mode == "lr"), lr=0.0, betas=o.betas)
         self.student.to(self.acc.device)
         self.student_ddp = nn.parallel.DistributedDataParallel(self.student, process_group=self.pg)
 

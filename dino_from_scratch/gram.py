@@ -32,9 +32,8 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, normalize: bool = Tr
     gs, gt = _gram(student, normalize), _gram(teacher.detach(), normalize)
     if remove_neg:
         gs, gt = gs.clamp(min=0), gt.clamp(min=0)
-    elif remove_only_teacher_neg:
-        gs = torch.where((gs < 0) & (gt < 0), torch.zeros_like(gs), gs)
-        gt = gt.clamp(min=0)
+    elif remove_only_teacher_neg:   # official GramLoss clamps the teacher in place first, so its student mask
+        gt = gt.clamp(min=0)        # (student < 0 and teacher < 0) is never true: MSE(student, relu(teacher))
     return F.mse_loss(gs, gt)
 
 
@@ -66,6 +65,9 @@ class GramConfig:
     highres_scale: float = 2.0          # Gram teacher crop size / global crop size (512 / 256); 1 = same crops
     resize_mode: str = "bicubic"        # global_teacher_resize_method
     resize_antialias: bool = False      # global_teacher_resize_antialias
+    ckpt: str | None = None             # `gram.ckpt`: checkpoint / run directory whose EMA teacher backbone is the first Gram
+                                        # teacher, loaded when the stage starts (7B Gram stage: the end of pretraining);
+                                        # None: the Gram term waits for the first refresh at `it_first_update`
     weight_schedule: dict | None = None # `loss_weight_schedule` {start, peak, end, warmup_epochs, cosine_epochs}: replaces
                                         # loss_weight per iteration (7B Gram stage: 0 until epoch 1000, then up to 2.0)
 

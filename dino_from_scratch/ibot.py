@@ -27,7 +27,7 @@ class IBOTConfig:
     center_momentum: float = 0.9     # iBOTPatchLoss(center_momentum=0.9)
     centering: str = "softmax"       # "softmax" (EMA center) | "sinkhorn" (train.centering: sinkhorn_knopp)
     hidden_dim: int | None = None    # separate head's MLP width / bottleneck; None = the DINO head's
-    bottleneck_dim: int | None = None  # (DINOv3 7B: ibot.head_hidden_dim 4096, head_bottleneck_dim 384)
+    bottleneck_dim: int | None = None  # (DINOv2 ViT-L/g: 256 while the DINO head's is 384; DINOv3 7B: 4096 / 384)
 
     def __post_init__(self):
         if not self.loss_weight >= 0: raise ValueError(f"ibot.loss_weight must be >= 0, got {self.loss_weight}")

@@ -12,23 +12,30 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['cosine_schedule', 'linear_then_constant', 'OptimConfig', 'scaled_lr', 'Schedules', 'lr_multiplier', 'param_groups',
-           'set_optim_hparams', 'clip_gradients', 'cancel_last_layer_grads', 'ema_update']
+           'set_optim_hparams', 'clip_gradients', 'zero_last_layer_lr', 'cancel_last_layer_grads', 'ema_update']
 
 # %% ../nbs/03_schedules.ipynb #7b4a337a
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
-    "Per-step values: linear warmup_start -> base over `warmup_steps`, then a half cosine base -> final."
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0,
+                    warmup_endpoint: bool = False, trunc_extra: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warmup_start -> base over `warmup_steps`, then a half cosine base -> final.
+    `warmup_endpoint=True`: the last warm-up step is already `base` (DINOv1 `cosine_scheduler`, DINOv2/v3 `CosineScheduler`:
+    `np.linspace` with its end point). `trunc_extra` > 0: the cosine of a (1 + trunc_extra) times longer run, cut and
+    rescaled to end at `final` (DINOv3 `CosineScheduler(trunc_extra=...)`: the decay ends less flat)."""
     if total_steps < 1: raise ValueError(f"a schedule needs at least one step, got total_steps={total_steps}")
     warmup_steps = min(int(warmup_steps), total_steps)
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=warmup_endpoint) if warmup_steps else np.zeros(0)
     n = total_steps - warmup_steps
+    if trunc_extra > 0 and n > 1:
+        c = (np.cos(np.linspace(0, math.pi, int((1 + trunc_extra) * n))[:n]) + 1) / 2
+        return np.concatenate([warm, final + (base - final) * (c - c[-1]) / (1 - c[-1])])
     t = np.arange(n) / max(n, 1)
     cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t))
     return np.concatenate([warm, cos])
 
-def linear_then_constant(start: float, end: float, total_steps: int, ramp_steps: int) -> np.ndarray:
-    "Linear start -> end over `ramp_steps`, then constant `end` (DINO's teacher temperature)."
+def linear_then_constant(start: float, end: float, total_steps: int, ramp_steps: int, endpoint: bool = False) -> np.ndarray:
+    "Linear start -> end over `ramp_steps` (`endpoint`: the last ramp step is `end`), then constant `end` (the teacher temperature)."
     ramp_steps = min(int(ramp_steps), total_steps)
-    return np.concatenate([np.linspace(start, end, ramp_steps, endpoint=False), np.full(total_steps - ramp_steps, end)])
+    return np.concatenate([np.linspace(start, end, ramp_steps, endpoint=endpoint), np.full(total_steps - ramp_steps, end)])
 
 # %% ../nbs/03_schedules.ipynb #a6a9dbe8
 @dataclass
@@ -52,6 +59,11 @@ class OptimConfig:
     clip_mode: str = "param"          # "param": each parameter to norm clip_grad (DINOv1); "module": backbone and each head (DINOv2)
     # --- DINOv3 (chapter 20): "constant" = warm-up, then lr, weight decay and EMA momentum held at their start values ---
     schedule: str = "cosine"          # "cosine" (DINOv1/v2) | "constant" (DINOv3 schedules v2, no planned end)
+    # --- what an "epoch" is: every schedule, warm-up and freeze below counts epochs of this many iterations ---
+    epoch_length: int | None = None   # None: one pass over the data; DINOv2 OFFICIAL_EPOCH_LENGTH 1,250, DINOv3 1,000
+    trunc_extra: float = 0.0          # cosine of a (1 + trunc_extra) longer run, truncated (DINOv3 `optim.schedule_trunc_extra`)
+    freeze_last_layer_mode: str = "grad"  # "grad": drop the prototypes' gradients (DINOv1) | "lr": their lr is 0 while
+                                          # AdamW's moments keep accumulating (DINOv2/v3 `last_layer_lr_schedule`)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -68,6 +80,11 @@ class OptimConfig:
         if self.clip_mode not in ("param", "module"): raise ValueError(f"optim.clip_mode must be 'param' or 'module', got {self.clip_mode!r}")
         if self.warmup_epochs < 0 or self.clip_grad < 0 or self.freeze_last_layer_epochs < 0:
             raise ValueError("optim.warmup_epochs, optim.clip_grad and optim.freeze_last_layer_epochs must be >= 0")
+        if self.freeze_last_layer_mode not in ("grad", "lr"):
+            raise ValueError(f"optim.freeze_last_layer_mode must be 'grad' or 'lr', got {self.freeze_last_layer_mode!r}")
+        if self.trunc_extra < 0: raise ValueError(f"optim.trunc_extra must be >= 0, got {self.trunc_extra}")
+        if self.epoch_length is not None and (int(self.epoch_length) != self.epoch_length or self.epoch_length < 1):
+            raise ValueError(f"optim.epoch_length must be an integer >= 1 (iterations per epoch) or None, got {self.epoch_length}")
 
 def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     "The peak learning rate after the batch-size scaling rule."
@@ -77,20 +94,24 @@ def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     return cfg.lr
 
 class Schedules:
-    "Per-step lr, weight decay, teacher momentum and teacher temperature for a run of `total_steps`."
+    """Per-step lr, weight decay, teacher momentum and teacher temperature for a run of `total_steps`.
+    An epoch is `optim.epoch_length` iterations when set (the official recipes), else `steps_per_epoch` (one data pass)."""
     def __init__(self, optim: OptimConfig, loss, steps_per_epoch: int, total_batch: int, total_steps: int | None = None):
-        self.steps_per_epoch = spe = max(int(steps_per_epoch), 1)
+        self.steps_per_epoch = spe = int(optim.epoch_length or max(int(steps_per_epoch), 1))
         self.total = n = int(total_steps or round(optim.epochs * spe))
         peak, warm = scaled_lr(optim, total_batch), round(optim.warmup_epochs * spe)
-        if optim.schedule == "constant":   # DINOv3: warm up, then hold (min_lr and the *_end values are not used)
+        inc, tx = optim.schedule == "cosine", optim.trunc_extra   # v1/v2 warm-ups reach the peak on their last step;
+        if optim.schedule == "constant":   # DINOv3: warm up (peak excluded), then hold (min_lr and the *_end values unused)
             self.lr = cosine_schedule(peak, peak, n, warm)
             self.wd, self.momentum = np.full(n, optim.weight_decay, dtype=float), np.full(n, optim.momentum_teacher, dtype=float)
         else:
-            self.lr = cosine_schedule(peak, optim.min_lr, n, warm)
-            self.wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, n)
-            self.momentum = cosine_schedule(optim.momentum_teacher, optim.momentum_teacher_end, n)
-        self.teacher_temp = linear_then_constant(loss.warmup_teacher_temp, loss.teacher_temp, n,
-                                                 round(loss.warmup_teacher_temp_epochs * spe))
+            self.lr = cosine_schedule(peak, optim.min_lr, n, warm, warmup_endpoint=True, trunc_extra=tx)
+            self.wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, n, trunc_extra=tx)
+            self.momentum = cosine_schedule(optim.momentum_teacher, optim.momentum_teacher_end, n, trunc_extra=tx)
+        t0, t1, tw = loss.warmup_teacher_temp, loss.teacher_temp, loss.warmup_teacher_temp_epochs
+        if getattr(loss, "teacher_temp_per_epoch", False):   # DINOv1: one value per epoch (a staircase)
+            self.teacher_temp = np.repeat(linear_then_constant(t0, t1, math.ceil(n / spe), round(tw), endpoint=True), spe)[:n]
+        else: self.teacher_temp = linear_then_constant(t0, t1, n, round(tw * spe), endpoint=inc)
         self.freeze_last_layer_steps = round(optim.freeze_last_layer_epochs * spe)
         self.extra = {}   # more per-step values that later recipes schedule (DINOv3's loss weights, chapter 22)
     def __len__(self): return self.total
@@ -126,9 +147,11 @@ def lr_multiplier(name: str, depth: int, layerwise_decay: float = 1.0, patch_emb
     mult = layerwise_decay ** (depth + 1 - layer)
     return mult * (patch_embed_lr_mult if name.startswith("patch_embed") else 1.0)
 
-def param_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0,
+                 split_last_layer: bool = False) -> list[dict]:
     """AdamW groups: no weight decay on biases, norm parameters and anything 1-D; with DINOv2's options, one group
-    per lr multiplier (layer-wise decay over the backbone's blocks, patch embedding factor). Heads keep factor 1."""
+    per lr multiplier (layer-wise decay over the backbone's blocks, patch embedding factor). Heads keep factor 1.
+    `split_last_layer`: the heads' prototypes ('*last_layer*') get groups of their own, marked `last_layer=True`."""
     backbone = getattr(model, "backbone", model)
     prefix = "backbone." if backbone is not model else ""
     depth = len(getattr(backbone, "blocks", []))
@@ -139,9 +162,10 @@ def param_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_
         mult = 1.0
         if name.startswith(prefix) and (layerwise_decay != 1.0 or patch_embed_lr_mult != 1.0):
             mult = lr_multiplier(name[len(prefix):], depth, layerwise_decay, patch_embed_lr_mult)
-        groups.setdefault((not wd, mult), []).append(p)
-    return [{"params": ps, "apply_wd": not no_wd, "lr_mult": mult, **({"weight_decay": 0.0} if no_wd else {})}
-            for (no_wd, mult), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
+        groups.setdefault((not wd, mult, split_last_layer and "last_layer" in name), []).append(p)
+    return [{"params": ps, "apply_wd": not no_wd, "lr_mult": mult, **({"weight_decay": 0.0} if no_wd else {}),
+             **({"last_layer": True} if last else {})}
+            for (no_wd, mult, last), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2]))]
 
 def set_optim_hparams(opt: torch.optim.Optimizer, lr: float, wd: float):
     "Write the scheduled lr (times each group's `lr_mult`) and weight decay (only where `apply_wd`) into the groups."
@@ -165,6 +189,11 @@ def clip_gradients(model: nn.Module, clip: float, mode: str = "param") -> list[f
         coef = clip / (n + 1e-6)
         if coef < 1: p.grad.mul_(coef)
     return norms
+
+def zero_last_layer_lr(opt: torch.optim.Optimizer):
+    "DINOv2/v3's freeze: lr 0 for the prototype groups (`param_groups(split_last_layer=True)`); AdamW's moments still move."
+    for g in opt.param_groups:
+        if g.get("last_layer"): g["lr"] = 0.0
 
 def cancel_last_layer_grads(model: nn.Module):
     "Drop the gradients of the head's prototypes (parameters named '*last_layer*')."

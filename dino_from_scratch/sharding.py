@@ -326,7 +326,8 @@ class ShardedTraining:
 
     def setup_optimizer(self):
         o = self.recipe.optim      # AdamW on the sharded parameters; FSDP2 modules need no DDP wrapper
-        self.opt = torch.optim.AdamW(param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult), lr=0.0, betas=o.betas)
+        self.opt = torch.optim.AdamW(param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult,
+                                                   o.freeze_last_layer_mode == "lr"), lr=0.0, betas=o.betas)
         self.student_ddp = self.student
 
     def clip(self):

@@ -20,7 +20,7 @@ from .data import ImageDataset, MultiCrop, collate_crops, resolve_data, _item_se
 from .vit import VisionTransformer, resize_pos_embed
 from .dino import DINOHead, DINOLoss, teacher_stats
 from .schedules import (Schedules, param_groups, set_optim_hparams, clip_gradients,
-                                         cancel_last_layer_grads, ema_update)
+                                         cancel_last_layer_grads, zero_last_layer_lr, ema_update)
 from .config import Recipe, save_recipe
 from .checkpoint import (NonFiniteLoss, save_checkpoint, read_checkpoint, load_optimizer, state_dict_of,
                                           list_checkpoints, latest_good_checkpoint, truncate_metrics)
@@ -133,7 +133,8 @@ class Trainer:
 
     def setup_optimizer(self):
         o = self.recipe.optim
-        opt = torch.optim.AdamW(param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult), lr=0.0, betas=o.betas)
+        groups = param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult, o.freeze_last_layer_mode == "lr")
+        opt = torch.optim.AdamW(groups, lr=0.0, betas=o.betas)
         self.student_ddp, self.opt = self.acc.prepare(self.student, opt)   # DDP wrapper with several processes
 
     def setup_schedules(self):
@@ -206,7 +207,9 @@ def optimizer_step(self: Trainer, loss, momentum: float):
     self.opt.zero_grad(set_to_none=True)
     self.backward(loss)
     self.clip()
-    if self.step < self.sched.freeze_last_layer_steps: cancel_last_layer_grads(self.student)
+    if self.step < self.sched.freeze_last_layer_steps:   # DINOv1 drops the gradients; DINOv2/v3 set the lr to 0
+        if self.recipe.optim.freeze_last_layer_mode == "grad": cancel_last_layer_grads(self.student)
+        else: zero_last_layer_lr(self.opt)
     self.opt.step()
     ema_update(self.teacher, self.student, momentum)
 
@@ -334,13 +337,14 @@ def load_weights(self: Trainer, model: nn.Module, sd: dict): model.load_state_di
 
 @patch
 def init_weights_from(self: Trainer, path):
-    """Start from the student/teacher weights of a checkpoint file or run directory (not its optimizer or step).
+    """Start from the student/teacher weights of a checkpoint file or run directory (not its optimizer or step); the
+    student from the source's teacher when `run.init_student_from='teacher'` (DINOv3's high-resolution stage).
     A position embedding stored for another grid is resized (bicubic); any other mismatch is an error naming the tensors."""
     p = Path(path)
     found = latest_good_checkpoint(p, verbose=self.verbose) if p.is_dir() else (p, *read_checkpoint(p))
     if found is None: raise FileNotFoundError(f"run.init_from: no readable checkpoint in {p}")
     src, tensors, _ = found
-    for prefix, model in (("student", self.student), ("teacher", self.teacher)):
+    for prefix, model in ((self.recipe.run.init_student_from, self.student), ("teacher", self.teacher)):
         own, sd = model.state_dict(), state_dict_of(tensors, prefix)
         for k, v in sd.items():
             if k.endswith("pos_embed") and k in own and v.shape != own[k].shape:

@@ -50,6 +50,10 @@ class ViTConfig:
     mask_k_bias: bool = False            # zero the key part of the qkv bias (DINOv3 `mask_k_bias`)
     untie_local_cls_norm: bool = False   # a separate final norm for local crops' CLS + storage tokens (training only)
     swiglu_align: int = 8                # SwiGLU width rounded up to this (DINOv2: 8; DINOv3 `swiglu64`: 64)
+    drop_path_subset_above: float = 0.1  # "uniform" drop-path drops a batch subset above this rate, per sample below
+                                         # (DINOv2 `layers/block.py`: 0.1; DINOv3: 0, any rate > 0)
+    token_init: str = "dinov1"           # CLS / register init: "dinov1" CLS trunc-N(0, 0.02), registers N(0, 1e-6);
+                                         # "dinov2" CLS N(0, 1e-6); "dinov3" CLS and storage tokens N(0, 0.02)
 
     def __post_init__(self):
         for f in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -60,6 +64,8 @@ class ViTConfig:
             raise ValueError(f"model.img_size ({self.img_size}) must be a multiple of model.patch_size ({self.patch_size})")
         if not 0 <= self.drop_path_rate < 1: raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.mlp_ratio <= 0: raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.token_init not in ("dinov1", "dinov2", "dinov3"):
+            raise ValueError(f"model.token_init must be 'dinov1', 'dinov2' or 'dinov3', got {self.token_init!r}")
         if self.drop_path_mode not in ("linear", "uniform"):
             raise ValueError(f"model.drop_path_mode must be 'linear' or 'uniform', got {self.drop_path_mode!r}")
         if self.ffn not in ("mlp", "swiglu"): raise ValueError(f"model.ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
@@ -134,7 +140,7 @@ class Block(nn.Module):
     "Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(FFN(LN(x))))."
     # LayerScale (LS), SwiGLUFFN and the batch-subset drop are defined in the next section; DINOv1 uses none of them
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, norm_eps=1e-6,
-                 ffn="mlp", layerscale=None, drop_path_mode="linear", mask_k_bias=False, swiglu_align=8):
+                 ffn="mlp", layerscale=None, drop_path_mode="linear", mask_k_bias=False, swiglu_align=8, subset_above=0.1):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, mask_k_bias)
@@ -143,8 +149,9 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path)
-        # DINOv2 (`layers/block.py`): above 0.1, drop the branch for a random *subset of the batch* and skip its compute
-        self.batch_subset = drop_path_mode == "uniform" and drop_path > 0.1
+        # DINOv2 (`layers/block.py`): above 0.1, drop the branch for a random *subset of the batch* and skip its compute;
+        # DINOv3's block does so for any rate > 0 (`subset_above=0`)
+        self.batch_subset = drop_path_mode == "uniform" and drop_path > subset_above
 
     def _attn(self, x, rope=None, n_prefix=1): return self.ls1(self.attn(self.norm1(x), rope=rope, n_prefix=n_prefix))
     def _ffn(self, x): return self.ls2(self.mlp(self.norm2(x)))
@@ -228,7 +235,8 @@ class VisionTransformer(nn.Module):
         else:                                # DINOv2/v3 (`drop_path_uniform=True`): the same rate in every block
             dpr = [cfg.drop_path_rate] * cfg.depth
         self.blocks = nn.ModuleList([Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.norm_eps,
-                                           cfg.ffn, cfg.layerscale, cfg.drop_path_mode, cfg.mask_k_bias, cfg.swiglu_align)
+                                           cfg.ffn, cfg.layerscale, cfg.drop_path_mode, cfg.mask_k_bias, cfg.swiglu_align,
+                                           cfg.drop_path_subset_above)
                                      for i in range(cfg.depth)])
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         # DINOv3 `untie_global_and_local_cls_norm`: local crops' CLS + storage tokens get their own final norm in training
@@ -240,8 +248,10 @@ class VisionTransformer(nn.Module):
         "DINOv1 init: truncated normal (std 0.02) for linear weights, position embedding and CLS; zeros for biases."
         if self.pos_embed is not None: nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else: self.rope.periods.copy_(rope_periods(self.rope.head_dim, self.rope.base))   # a buffer: rebuilt after `meta`
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.register_tokens is not None: nn.init.normal_(self.register_tokens, std=1e-6)  # DINOv2 init
+        ti = self.cfg.token_init   # DINOv1 trunc-N(0, .02) CLS; DINOv2 N(0, 1e-6) CLS and registers; DINOv3 N(0, .02) both
+        if ti == "dinov1": nn.init.trunc_normal_(self.cls_token, std=0.02)
+        else: nn.init.normal_(self.cls_token, std=1e-6 if ti == "dinov2" else 0.02)
+        if self.register_tokens is not None: nn.init.normal_(self.register_tokens, std=0.02 if ti == "dinov3" else 1e-6)
         if self.mask_token is not None: nn.init.zeros_(self.mask_token)
         for m in self.modules():
             if isinstance(m, LayerScale): m.reset_parameters()

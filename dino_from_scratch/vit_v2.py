@@ -26,7 +26,9 @@ def dinov2_vit_config(arch: str = "vits14", num_registers: int = 0, img_size: in
     kw = dict(img_size=img_size, patch_size=14, embed_dim=D, depth=depth, num_heads=heads, ffn=ffn,
               layerscale=1e-5,              # ssl_default_config.yaml: student.layerscale 1.0e-05
               drop_path_rate=0.0, drop_path_mode="uniform",  # configs/train/vitl14.yaml: 0.3 (set per recipe)
-              num_registers=num_registers, mask_token=True)
+              num_registers=num_registers, mask_token=True,
+              token_init="dinov2",          # models/vision_transformer.py init_weights: CLS N(0, 1e-6)
+              interpolate_offset=0.1)       # student.interpolate_offset: 0.1
     return ViTConfig(**{**kw, **overrides})
 
 def dinov2_vit(arch: str = "vits14", num_registers: int = 0, **overrides) -> VisionTransformer:

@@ -30,7 +30,8 @@ def dinov3_vit_config(name: str, img_size: int = 224, **overrides) -> ViTConfig:
     cfg = dict(img_size=img_size, patch_size=16, embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=ratio, ffn=ffn,
                swiglu_align=align, qkv_bias=qkv_bias, untie_local_cls_norm=untie, drop_path_rate=0.0,
                drop_path_mode="uniform", norm_eps=1e-5, layerscale=1e-5, num_registers=4, mask_token=True,
-               pos_embed="rope", rope_base=100.0, rope_normalize="separate", rope_rescale=2.0, mask_k_bias=True)
+               pos_embed="rope", rope_base=100.0, rope_normalize="separate", rope_rescale=2.0, mask_k_bias=True,
+               token_init="dinov3", drop_path_subset_above=0.0)   # CLS / storage tokens N(0, .02); batch-subset drop-path at any rate
     return ViTConfig(**{**cfg, **overrides})
 
 def dinov3_vit(name: str, device: str | torch.device | None = None, **overrides) -> VisionTransformer:

@@ -150,7 +150,7 @@ def test_dinov3_presets_match_the_official_configs():
     assert d["gram.it_first_update"] == (0, 1_010_000) and d["data.crops.gram_size"] == (0, 512)
     assert d["optim.epochs"] == (1000, 1200) and d["optim.momentum_teacher"] == (0.994, 0.999)
     assert [x[3] for x in h.data.crops.resolutions] == [0.3, 0.3, 0.3, 0.05, 0.05] and h.gram.loss_weight == 1.5
-    d = recipe_diff(get_recipe("dinov3_vitl16"), r)                      # same recipe, another backbone
+    d = recipe_diff(get_recipe("dinov3_vitl16_7b_recipe"), r)                    # same recipe, another backbone
     assert "model.embed_dim" in d and all(k == "name" or k.startswith("model.") for k in d)
 
 
