@@ -1,0 +1,268 @@
+"""Reliability (issue 15): unusable data stops with a reason, a run directory belongs to one run, resume refuses a
+changed recipe, SIGTERM/SIGINT checkpoint and stop, a failed save keeps the previous checkpoint, collapse warns.
+Each test fails on the code before issue 15 (df9bcfb)."""
+import errno, json, os, signal, socket, subprocess, sys, time, warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from dino_test_utils import (SMALL_OVERRIDES, small_recipe, make_small_folder, run_cli, read_metrics,  # noqa: E402
+                             optimizer_of, one_thread, fresh, cli_env, VENV_BIN, REPO_ROOT)
+
+from dino_from_scratch import data, train, checkpoint  # noqa: E402
+import importlib  # noqa: E402
+cli = importlib.import_module("dino_from_scratch.cli")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    "One intra-op thread per test."
+
+
+@pytest.fixture(scope="module")
+def train_images(shared_data):
+    "16 real training images: with batch 8 that is 2 steps per epoch."
+    return data.ImageDataset.from_folder(shared_data / "imagenette2-128", "train").subset(16)
+
+
+def _same_weights(a, b):
+    for name in ("student", "teacher"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        for k in sa: assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs"
+
+
+# ---------------------------------------------------------------- 1. unusable data
+def test_unreadable_folder_stops_with_a_reason(tmp_path):
+    "16 random-byte .jpg files: before, `fit` spun forever; now it stops naming the count and an example."
+    folder = tmp_path / "junk"; folder.mkdir()
+    for i in range(16): (folder / f"img{i:02d}.jpg").write_bytes(os.urandom(500))
+    ds = data.ImageDataset.from_folder(folder)
+    t = train.Trainer(small_recipe("optim.epochs=50"), out=tmp_path / "run", dataset=ds, verbose=False)
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(train.DataUnusable) as e: t.fit(max_steps=100, progress=False)
+    assert time.time() - t0 < 60
+    msg = str(e.value)
+    assert "16 of 16 files checked are unreadable" in msg and "16 files in" in msg and "img" in msg and ".jpg" in msg
+    assert t.step == 2               # per_epoch = 2: a whole epoch of empty global batches, then the stop
+
+
+def test_unreadable_folder_cli_exits(tmp_path):
+    folder = tmp_path / "junk"; folder.mkdir()
+    for i in range(16): (folder / f"img{i:02d}.jpg").write_bytes(os.urandom(500))
+    p = run_cli("dino-train", "--recipe", "tiny_v1", "--data", folder, "--out", tmp_path / "run", "--no-eval",
+                "--max-steps", 50, "--set", *SMALL_OVERRIDES, "optim.epochs=50", timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("dino-train: error:") and "16 of 16 files checked are unreadable" in last
+
+
+def _with_bad_batch(images, r, bad_step: int):
+    "A dataset whose items of global batch `bad_step` (epoch 0) are undecodable bytes; the others are real images."
+    b = train.StepBatches(len(images), r.data.batch_size, seed=r.run.seed)
+    bad = {int(i) for i in b.epoch_order(0)[bad_step * 8:(bad_step + 1) * 8]}
+    src = [b"not an image" if i in bad else s for i, s in enumerate(images.sources)]
+    return data.ImageDataset(src, images.labels, classes=images.classes, name="half-bad")
+
+
+def test_empty_batch_is_a_step_and_resume_stays_exact(train_images, tmp_path):
+    "A wholly unreadable global batch counts as a (learning-free) step: data order and schedules stay in step."
+    r = small_recipe("optim.epochs=2")                               # 4 steps; step 2 (0-based 1) is all unreadable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = train.Trainer(r, out=tmp_path / "a", dataset=_with_bad_batch(train_images, r, 1), verbose=False)
+        straight.fit(progress=False)
+        assert straight.step == 4 and straight.skipped >= 8
+        assert [m["step"] for m in read_metrics(tmp_path / "a")] == [1, 3, 4]     # step 2 learned nothing, logged nothing
+        first = train.Trainer(r, out=tmp_path / "b", dataset=_with_bad_batch(train_images, r, 1), verbose=False)
+        first.fit(max_steps=2, progress=False)
+        assert first.step == 2
+        second = train.Trainer(r, out=tmp_path / "b", dataset=_with_bad_batch(train_images, r, 1), resume=True, verbose=False)
+        assert second.step == 2
+        second.fit(progress=False)
+    _same_weights(straight, second)
+
+
+# ---------------------------------------------------------------- 2. one run per directory
+def _main(*args):
+    "cli.main in this process; returns the exit code (0 when it returned)."
+    try: cli.main([str(a) for a in args])
+    except SystemExit as e: return e.code
+    return 0
+
+
+@pytest.fixture
+def small_folder(shared_data, tmp_path):
+    return make_small_folder(shared_data, tmp_path / "data", n_classes=2, n_train=8, n_val=2)   # 16 images: 2 steps
+
+
+def test_out_reuse_refused_without_resume_or_overwrite(small_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--recipe", "tiny_v1", "--data", small_folder, "--out", out, "--no-eval", "--set", *SMALL_OVERRIDES]
+    assert _main(*common) == 0
+    first = checkpoint.list_checkpoints(out)
+    assert [c.name for c in first] == ["step_0000002.safetensors"]
+    before = first[0].read_bytes()
+    code = _main(*common[:-len(SMALL_OVERRIDES) - 1], "--set", *SMALL_OVERRIDES, "optim.lr=1e-3")
+    assert isinstance(code, str) and "already holds a run" in code and "--resume" in code and "--overwrite" in code
+    assert first[0].read_bytes() == before and len(read_metrics(out)) == 2           # the old run is untouched
+    assert not (out / ".lock").exists()                                               # the refused run released its lock
+    assert _main(*common, "--resume", "--overwrite").startswith("dino-train: error: --resume continues")
+    assert _main(*common, "--overwrite") == 0
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]                          # one run's log, not two interleaved
+
+
+def test_lock_refuses_a_live_run_and_replaces_a_stale_one(small_folder, tmp_path, capsys):
+    out = tmp_path / "run"; out.mkdir()
+    common = ["--recipe", "tiny_v1", "--data", small_folder, "--out", out, "--no-eval", "--set", *SMALL_OVERRIDES]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "time": time.time()}))
+        code = _main(*common)
+        assert isinstance(code, str) and f"in use by pid {sleeper.pid}" in code
+        assert checkpoint.list_checkpoints(out) == []
+    finally:
+        sleeper.kill(); sleeper.wait()
+    capsys.readouterr()
+    assert _main(*common) == 0                                                        # its process is gone now
+    assert f"stale lock {out / '.lock'} of pid {sleeper.pid}" in capsys.readouterr().err
+    assert not (out / ".lock").exists() and checkpoint.list_checkpoints(out)
+
+
+# ---------------------------------------------------------------- 3. resume with a changed recipe
+def test_resume_refuses_a_changed_recipe_with_a_diff(train_images, tmp_path, capsys):
+    r = small_recipe("optim.epochs=2")
+    t = train.Trainer(r, out=tmp_path / "run", dataset=fresh(train_images), verbose=False)
+    t.fit(max_steps=2, progress=False)
+    for change, row in ((["optim.lr=0.01"], f"optim.lr: {r.optim.lr!r} -> 0.01"),
+                        (["data.batch_size=4"], "data.batch_size: 8 -> 4"),
+                        (["model.depth=2"], "model.depth: 1 -> 2")):               # before: a load_state_dict traceback
+        with pytest.raises(ValueError) as e:
+            train.Trainer(small_recipe("optim.epochs=2", *change), out=tmp_path / "run", dataset=fresh(train_images),
+                          resume=True, verbose=False)
+        assert "--resume with a changed recipe" in str(e.value) and row in str(e.value)
+    ok = train.Trainer(small_recipe("optim.epochs=2", "run.log_every=2", "run.ckpt_every=1"), out=tmp_path / "run",
+                       dataset=fresh(train_images), resume=True, verbose=True)
+    assert ok.step == 2 and "run.log_every: 1 -> 2" in capsys.readouterr().out
+
+
+def test_resume_with_changed_recipe_cli_is_one_line(small_folder, tmp_path):
+    out = tmp_path / "run"
+    common = ["--recipe", "tiny_v1", "--data", small_folder, "--out", out, "--no-eval", "--set", *SMALL_OVERRIDES]
+    assert _main(*common, "optim.epochs=2", "--max-steps", 2) == 0
+    code = _main(*common, "optim.epochs=2", "data.batch_size=4", "--resume")
+    assert isinstance(code, str) and "data.batch_size: 8 -> 4" in code and "--branch-from" in code
+
+
+# ---------------------------------------------------------------- 4. SIGINT / SIGTERM
+def _signal_at(t, step: int, sig):
+    "Deliver `sig` to this process right after `step` (as Ctrl-C / a notebook interrupt / a scheduler would)."
+    orig = t.train_step
+    def train_step(crops):
+        m = orig(crops)
+        if t.step == step: signal.raise_signal(sig)
+        return m
+    t.train_step = train_step
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_and_trainer_stays_usable(train_images, tmp_path, capsys, sig):
+    r = small_recipe("optim.epochs=3", "run.ckpt_every=100")        # 6 steps, no periodic checkpoint
+    straight = train.Trainer(r, out=tmp_path / "a", dataset=fresh(train_images), verbose=False)
+    straight.fit(progress=False)
+    t = train.Trainer(r, out=tmp_path / "b", dataset=fresh(train_images), verbose=True)
+    _signal_at(t, 3, sig)
+    before = signal.getsignal(sig)
+    t.fit(progress=False)                                            # returns: no KeyboardInterrupt, no exit
+    err = capsys.readouterr().err
+    assert t.step == 3 and t.stop_signal == sig.name
+    ck = tmp_path / "b" / "checkpoints" / "step_0000003.safetensors"
+    assert f"stopped by {sig.name} after step 3; checkpoint {ck} written" in err
+    assert checkpoint.read_checkpoint(ck)[1]["step"] == 3
+    assert signal.getsignal(sig) == before                           # the handlers are put back
+    t.train_step = type(t).train_step.__get__(t)
+    t.fit(progress=False)                                            # the same object goes on to the end
+    assert t.step == 6
+    _same_weights(straight, t)
+
+
+def test_sigterm_cli_exit_code_and_resume(small_folder, tmp_path):
+    "A real SIGTERM to `dino-train`: exit 143 after writing a checkpoint; --resume finishes the run."
+    out = tmp_path / "run"
+    args = ["--recipe", "tiny_v1", "--data", small_folder, "--out", out, "--no-eval",
+            "--set", *SMALL_OVERRIDES, "optim.epochs=400", "run.ckpt_every=100000"]
+    p = subprocess.Popen([str(VENV_BIN / "dino-train"), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=cli_env(), cwd=REPO_ROOT)
+    t0 = time.time()
+    while not (out / "metrics.jsonl").exists() and time.time() - t0 < 120: time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "stopped by SIGTERM" in err
+    ck = checkpoint.list_checkpoints(out)
+    assert len(ck) == 1 and f"checkpoint {ck[0]} written" in err
+    assert not (out / ".lock").exists()
+
+
+# ---------------------------------------------------------------- 6. a save that fails
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_failed_save_keeps_previous_checkpoint(train_images, tmp_path, monkeypatch, err):
+    r = small_recipe("optim.epochs=2")                               # checkpoints at 2 and 4
+    out = tmp_path / "run"
+    t = train.Trainer(r, out=out, dataset=fresh(train_images), verbose=False)
+    t.fit(max_steps=2, progress=False)
+    good = checkpoint.list_checkpoints(out)[0]
+    real_fsync = os.fsync
+    def full(fd): raise OSError(err, os.strerror(err))                # the disk fills (or goes read-only) mid-save
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as e: t.fit(max_steps=4, progress=False)
+    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
+    msg = str(e.value)
+    assert "step_0000004.safetensors" in msg and os.strerror(err) in msg and str(good) in msg and "--resume" in msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [good.name]    # no .tmp left behind
+    assert checkpoint.read_checkpoint(good)[1]["step"] == 2
+    again = train.Trainer(r, out=out, dataset=fresh(train_images), resume=True, verbose=False)
+    assert again.step == 2
+
+
+def test_stale_tmp_of_a_crashed_run_is_cleaned(train_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_0000009.safetensors.tmp").write_bytes(b"half a checkpoint")
+    (out / "checkpoints" / "step_0000008.dcp.tmp").mkdir()
+    t = train.Trainer(small_recipe(), out=out, dataset=fresh(train_images), verbose=True)
+    t.fit(max_steps=1, progress=False)
+    assert "removed 2 unfinished save(s)" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000001.safetensors"]
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped_on_resume(train_images, tmp_path):
+    out = tmp_path / "run"
+    t = train.Trainer(small_recipe("optim.epochs=2"), out=out, dataset=fresh(train_images), verbose=False)
+    t.fit(max_steps=2, progress=False)
+    with open(out / "metrics.jsonl", "a") as f: f.write('{"step": 3, "loss": 4.1')          # killed mid-line
+    again = train.Trainer(small_recipe("optim.epochs=2"), out=out, dataset=fresh(train_images), resume=True, verbose=False)
+    again.fit(progress=False)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- 8. collapse
+def test_collapse_warnings_fire_once_with_values(train_images, tmp_path):
+    "No sharpening (tau_t = tau_s): uniform teacher; no centering and a cold teacher: one prototype."
+    base = ["optim.epochs=10", "run.collapse_steps=3", "optim.warmup_epochs=0"]
+    runs = {"uniform": ["loss.teacher_temp=0.1", "loss.warmup_teacher_temp=0.1", "loss.student_temp=0.1", "optim.lr=0"],
+            "healthy": []}
+    for kind, extra in runs.items():
+        t = train.Trainer(small_recipe(*base, *extra), out=tmp_path / kind, dataset=fresh(train_images), verbose=False)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            t.fit(progress=False)
+        col = [x for x in w if issubclass(x.category, train.CollapseWarning)]
+        if kind == "uniform":
+            assert len(col) == 1, [str(x.message) for x in col]
+            assert "per-sample entropy" in str(col[0].message) and "teacher_temp" in str(col[0].message)
+        else:
+            assert col == [], [str(x.message) for x in col]
