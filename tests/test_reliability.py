@@ -1,7 +1,7 @@
 """Reliability (issue 15): unusable data stops with a reason, a run directory belongs to one run, resume refuses a
 changed recipe, SIGTERM/SIGINT checkpoint and stop, a failed save keeps the previous checkpoint, collapse warns.
 Each test fails on the code before issue 15 (df9bcfb)."""
-import errno, json, os, signal, socket, subprocess, sys, time, warnings
+import errno, json, math, os, signal, socket, subprocess, sys, time, warnings
 from pathlib import Path
 
 import pytest
@@ -251,18 +251,37 @@ def test_metrics_line_cut_by_a_kill_is_dropped_on_resume(train_images, tmp_path)
 
 # ---------------------------------------------------------------- 8. collapse
 def test_collapse_warnings_fire_once_with_values(train_images, tmp_path):
-    "No sharpening (tau_t = tau_s): uniform teacher; no centering and a cold teacher: one prototype."
-    base = ["optim.epochs=10", "run.collapse_steps=3", "optim.warmup_epochs=0"]
-    runs = {"uniform": ["loss.teacher_temp=0.1", "loss.warmup_teacher_temp=0.1", "loss.student_temp=0.1", "optim.lr=0"],
-            "healthy": []}
+    "No sharpening (tau_t = tau_s = 0.1): the teacher drifts to uniform and the warning fires once; DINO's recipe: none."
+    base = ["optim.epochs=10", "run.collapse_steps=3"]                 # 20 steps
+    runs = {"uniform": ["loss.teacher_temp=0.1", "loss.warmup_teacher_temp=0.1"], "healthy": []}
     for kind, extra in runs.items():
         t = train.Trainer(small_recipe(*base, *extra), out=tmp_path / kind, dataset=fresh(train_images), verbose=False)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            t.fit(progress=False)
-        col = [x for x in w if issubclass(x.category, train.CollapseWarning)]
+            h = t.fit(progress=False)
+        col = [str(x.message) for x in w if issubclass(x.category, train.CollapseWarning)]
         if kind == "uniform":
-            assert len(col) == 1, [str(x.message) for x in col]
-            assert "per-sample entropy" in str(col[0].message) and "teacher_temp" in str(col[0].message)
+            assert len(col) == 1, col
+            assert "per-sample entropy" in col[0] and "ln K = 4.159" in col[0] and "teacher_temp" in col[0]
+            assert h[-1]["teacher_entropy"] > 0.95 * math.log(64)
         else:
-            assert col == [], [str(x.message) for x in col]
+            assert col == [] and h[-1]["teacher_entropy"] < 0.9 * math.log(64)
+
+
+def test_collapse_counts_steps_in_a_row(train_images, tmp_path):
+    "The one-prototype warning: only after `collapse_steps` steps in a row, once, naming the measured batch entropy."
+    t = train.Trainer(small_recipe("run.collapse_steps=3"), out=tmp_path / "x", dataset=fresh(train_images), verbose=False)
+    lnK = math.log(64)
+    ok, one = {"teacher_entropy": 0.5 * lnK, "teacher_batch_entropy": 0.5 * lnK}, {"teacher_entropy": 0.01, "teacher_batch_entropy": 0.02}
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for m in (one, one, ok, one, one): t.watch_collapse(m)                # never 3 in a row
+        assert not [x for x in w if issubclass(x.category, train.CollapseWarning)]
+        for m in (one, one, one, one): t.watch_collapse(m)                    # 3 in a row (and a 4th): one warning
+    col = [str(x.message) for x in w if issubclass(x.category, train.CollapseWarning)]
+    assert len(col) == 1 and "batch-mean entropy 0.020" in col[0] and "centering" in col[0]
+    t2 = train.Trainer(small_recipe("run.collapse_steps=0"), out=tmp_path / "y", dataset=fresh(train_images), verbose=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(5): t2.watch_collapse(one)                             # 0 switches it off
+    assert not w
