@@ -12,6 +12,7 @@ from dino_test_utils import (SMALL_OVERRIDES, small_recipe, make_small_folder, r
                              optimizer_of, one_thread, fresh, cli_env, VENV_BIN, REPO_ROOT)
 
 from dino_from_scratch import data, train, checkpoint  # noqa: E402
+from dino_from_scratch.checkpoint import NonFiniteLoss  # noqa: E402
 import importlib  # noqa: E402
 cli = importlib.import_module("dino_from_scratch.cli")
 
@@ -285,3 +286,54 @@ def test_collapse_counts_steps_in_a_row(train_images, tmp_path):
         warnings.simplefilter("always")
         for _ in range(5): t2.watch_collapse(one)                             # 0 switches it off
     assert not w
+
+
+# ---------------------------------------------------------------- 7. a non-finite value in each loss term
+from dino_from_scratch import dinov2 as _v2, dinov3 as _v3, ibot as _ibot, dino as _dino  # noqa: E402
+from dino_from_scratch.config import tiny_v2, override  # noqa: E402
+
+V2 = SMALL_OVERRIDES + ["ibot.out_dim=48", "loss.koleo_weight=0.1", "optim.epochs=2"]   # 4 steps, checkpoints at 2 and 4
+GRAM = ["gram.loss_weight=1.0", "gram.it_first_update=1", "gram.update_frequency=100", "gram.max_updates=1"]
+
+
+def _nan_from_step(monkeypatch, owner, name, trainer_box, first_bad_step=2):
+    "Wrap owner.name so its result is multiplied by NaN from 0-based step `first_bad_step` of the trainer on."
+    orig = getattr(owner, name)
+    def wrapped(*a, **k):
+        v = orig(*a, **k)
+        return v * float("nan") if trainer_box[0].step >= first_bad_step else v
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def _teacher_run(train_images, tmp_path):
+    out = tmp_path / "teacher"
+    _v2.DINOv2Trainer(override(tiny_v2(), V2), out=out, dataset=fresh(train_images), verbose=False).fit(max_steps=2, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("term", ["dino_loss", "ibot_loss", "koleo_loss", "gram_loss", "distillation"])
+def test_nan_in_each_term_is_named_and_last_checkpoint_kept(train_images, tmp_path, monkeypatch, term):
+    box = [None]
+    if term == "distillation":       # distillation's DINO term: the student against a frozen teacher's targets
+        from dino_from_scratch.distill import DistillTrainer, DistillConfig
+        cfg = DistillConfig(enabled=True, teacher=str(_teacher_run(train_images, tmp_path)))
+        make = lambda: DistillTrainer(override(tiny_v2(), V2 + ["model.embed_dim=16"]), out=tmp_path / "run",
+                                      dataset=fresh(train_images), distill=cfg, verbose=False)
+        owner, name, named = _dino.DINOLoss, "loss_from_probs", "dino_loss"
+    elif term == "gram_loss":
+        make = lambda: _v3.DINOv3Trainer(override(tiny_v2(), V2 + GRAM), out=tmp_path / "run", dataset=fresh(train_images), verbose=False)
+        owner, name, named = _v3.GramAnchor, "forward", term
+    else:
+        make = lambda: _v2.DINOv2Trainer(override(tiny_v2(), V2), out=tmp_path / "run", dataset=fresh(train_images), verbose=False)
+        owner, name = {"dino_loss": (_dino.DINOLoss, "loss_from_probs"), "ibot_loss": (_ibot.IBOTPatchLoss, "forward_masked"),
+                       "koleo_loss": (_v2, "koleo_loss")}[term]
+        named = term
+    t = make(); box[0] = t
+    _nan_from_step(monkeypatch, owner, name, box)
+    with pytest.raises(NonFiniteLoss) as e: t.fit(max_steps=4, progress=False)
+    msg = str(e.value)
+    assert f"non-finite: {named}=nan)" in msg and "step 3" in msg, msg                  # only this term is named
+    good = tmp_path / "run" / "checkpoints" / "step_0000002.safetensors"
+    assert str(good) in msg and [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == [good.name]
+    tensors, meta = checkpoint.read_checkpoint(good)
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values())
