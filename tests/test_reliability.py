@@ -337,3 +337,20 @@ def test_nan_in_each_term_is_named_and_last_checkpoint_kept(train_images, tmp_pa
     assert str(good) in msg and [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == [good.name]
     tensors, meta = checkpoint.read_checkpoint(good)
     assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values())
+
+
+# ---------------------------------------------------------------- 1b. under DDP every rank agrees to skip
+def test_ddp_ranks_agree_to_skip_an_empty_share(shared_data, tmp_path):
+    import socket as _s
+    folder = make_small_folder(shared_data, tmp_path / "data", n_classes=2, n_train=8)     # 16 images: global batch 8
+    out = tmp_path / "out"; out.mkdir()
+    with _s.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(Path(__file__).parent / "scripts" / "ddp_skip.py"), str(out), str(folder)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env() | {"ACCELERATE_USE_CPU": "true"}, cwd=REPO_ROOT)
+    assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 3                      # step 1 was skipped by both, steps 2 and 3 trained
+    assert r0["logged"] == [2, 3] and r1["skipped"] >= 4 and r0["checksum"] == r1["checksum"]
