@@ -354,3 +354,15 @@ def test_ddp_ranks_agree_to_skip_an_empty_share(shared_data, tmp_path):
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["step"] == r1["step"] == 3                      # step 1 was skipped by both, steps 2 and 3 trained
     assert r0["logged"] == [2, 3] and r1["skipped"] >= 4 and r0["checksum"] == r1["checksum"]
+
+
+# ---------------------------------------------------------------- 10. a chapter without its data is a visible skip
+@pytest.mark.parametrize("stem,var", [("06_eval", "DINO_DATA"), ("13_dense_eval", "DINO_CAMVID"), ("15_davis", "DINO_DAVIS"),
+                                      ("16_explore", "DINO_VIZ_DATA")])
+def test_notebook_without_its_data_is_skipped_with_the_reason(tmp_path, stem, var):
+    missing = tmp_path / "nowhere"
+    env = cli_env() | {var: str(missing)}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_notebooks.py", "-k", stem],
+                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert "1 skipped" in p.stdout and "passed" not in p.stdout, p.stdout[-2000:]
+    assert f"{stem} needs {missing}" in p.stdout
