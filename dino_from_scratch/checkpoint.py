@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_checkpoint.ipynb #d2ad89e2
 from __future__ import annotations
-import json, os, shutil, sys
+import errno, json, os, shutil, socket, sys, time
 from pathlib import Path
 
 import torch
@@ -12,8 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file, load, safe_open
 
 # %% auto #0
-__all__ = ['NonFiniteLoss', 'load_optimizer', 'save_checkpoint', 'read_checkpoint', 'state_dict_of', 'list_checkpoints',
-           'latest_good_checkpoint', 'find_checkpoint', 'truncate_metrics', 'branch_run']
+__all__ = ['RUN_FILES', 'NonFiniteLoss', 'load_optimizer', 'save_checkpoint', 'read_checkpoint', 'state_dict_of',
+           'list_checkpoints', 'latest_good_checkpoint', 'find_checkpoint', 'truncate_metrics', 'branch_run',
+           'RunLocked', 'CheckpointWriteError', 'check_run_dir', 'clean_stale_tmp', 'RunLock']
 
 # %% ../nbs/04a_checkpoint.ipynb #01de8db1
 class NonFiniteLoss(RuntimeError):
@@ -41,9 +42,13 @@ def save_checkpoint(path, modules: dict, optimizer, meta: dict):
     tensors = {f"{pre}.{k}": v.detach().cpu().contiguous() for pre, m in modules.items() for k, v in m.state_dict().items()}
     opt_t, opt_meta = _optimizer_tensors(optimizer)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors | opt_t, str(tmp), metadata={"meta": json.dumps({**meta, "optimizer": opt_meta})})
-    with open(tmp, "rb+") as f: os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors | opt_t, str(tmp), metadata={"meta": json.dumps({**meta, "optimizer": opt_meta})})
+        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:              # disk full, no permission, interrupted: never leave a half-written .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 # %% ../nbs/04a_checkpoint.ipynb #10525d07
 def read_checkpoint(path) -> tuple[dict, dict]:
@@ -91,9 +96,13 @@ def truncate_metrics(src, step: int, dst=None):
     "Keep the lines of `src`'s metrics.jsonl with step <= `step` (written to `dst`'s, default in place)."
     src, dst = Path(src)/"metrics.jsonl", Path(dst or src)/"metrics.jsonl"
     if not src.exists(): return
-    lines = [l for l in src.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    def keep(l):
+        try: return json.loads(l)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError): return False   # a line cut short by a kill mid-write
+    lines = [l for l in src.read_text().splitlines() if l.strip() and keep(l)]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("".join(l + "\n" for l in lines))
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in lines)); os.replace(tmp, dst)
 
 def branch_run(src, out, step: int | None = None) -> Path:
     """Start run directory `out` from a checkpoint of another run (a file, or a run directory's checkpoint at
@@ -105,4 +114,79 @@ def branch_run(src, out, step: int | None = None) -> Path:
     (out/"checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copy2(src_file, out/"checkpoints"/src_file.name)
     truncate_metrics(src_file.parent.parent, meta["step"], out)
+    (out/"branched_from.json").write_text(json.dumps({"src": str(src_file), "step": meta["step"]}))  # resume may change the recipe here
     return out
+
+# %% ../nbs/04a_checkpoint.ipynb #h15cd001
+RUN_FILES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "branched_from.json")
+
+class RunLocked(RuntimeError):
+    "Another live process trains in this run directory."
+
+class CheckpointWriteError(RuntimeError):
+    "A checkpoint could not be written (disk full, permissions); the previous good one is kept."
+
+def check_run_dir(out, resume: bool = False, overwrite: bool = False) -> list[str]:
+    "Refuse to start a new run in a directory holding another run's files unless `resume` or `overwrite` (which deletes them)."
+    out = Path(out)
+    found = [n for n in RUN_FILES if (out/n).exists() and not ((out/n).is_dir() and not any((out/n).iterdir()))]
+    if not found or resume: return found
+    if not overwrite:
+        ck = sorted(Path(out, "checkpoints").glob("step_*"), reverse=True)
+        raise FileExistsError(f"run directory {out} already holds a run ({', '.join(found)}"
+                              + (f"; newest checkpoint {ck[0].name}" if ck else "") + "): continue it with --resume, "
+                              "start it over with --overwrite (deletes those files), or choose another --out")
+    for n in found:
+        if (out/n).is_dir(): shutil.rmtree(out/n)
+        else: (out/n).unlink()
+    print(f"[overwrite] removed {', '.join(found)} from {out}", file=sys.stderr)
+    return found
+
+def clean_stale_tmp(out, verbose: bool = True) -> list[Path]:
+    "Remove the `*.tmp` leftovers (files or sharded directories) of a save that never finished; returns them."
+    stale = sorted(Path(out, "checkpoints").glob("*.tmp"))
+    for p in stale:
+        if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+        else: p.unlink(missing_ok=True)
+    if stale and verbose: print(f"[checkpoint] removed {len(stale)} unfinished save(s) of an earlier run: {', '.join(p.name for p in stale)}", file=sys.stderr)
+    return stale
+
+# %% ../nbs/04a_checkpoint.ipynb #h15cd002
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True      # exists, owned by someone else
+    return True
+
+class RunLock:
+    "`out/.lock` naming the live process training in `out` (a context manager); a stale lock (dead process) is replaced."
+    def __init__(self, out): self.path, self.held = Path(out)/".lock", False
+
+    def owner(self) -> dict | None:
+        try: return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError): return None      # gone, or cut short by a kill between create and write
+
+    def acquire(self, verbose: bool = True) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                o = self.owner() or {}
+                here = o.get("host") == socket.gethostname()
+                if o.get("pid") and (not here or _pid_alive(int(o["pid"]))):
+                    raise RunLocked(f"run directory {self.path.parent} is in use by pid {o['pid']} on {o.get('host')} "
+                                    f"(since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(o.get('time', 0)))}); "
+                                    f"wait for it, or if that run is over delete {self.path}") from None
+                if verbose: print(f"[lock] stale lock {self.path} of pid {o.get('pid', '?')} (no longer running) replaced", file=sys.stderr)
+                self.path.unlink(missing_ok=True); continue
+            with os.fdopen(fd, "w") as f: json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+            self.held = True
+            return self
+        raise RunLocked(f"could not take the lock {self.path}")
+
+    def release(self):
+        if self.held and (self.owner() or {}).get("pid") == os.getpid(): self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()

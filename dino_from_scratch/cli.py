@@ -4,15 +4,15 @@
 
 # %% ../nbs/30_cli.ipynb #2095e9f7
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, os, signal, sys, time
 from pathlib import Path
 
 import yaml
 
 from .config import Recipe, get_recipe, override, PRESETS
-from .checkpoint import NonFiniteLoss, branch_run
+from .checkpoint import NonFiniteLoss, branch_run, check_run_dir, RunLock, RunLocked, CheckpointWriteError
 from .eval import knn_eval, linear_eval, load_backbone, random_backbone, evaluate_run
-from .train import Trainer
+from .train import Trainer, DataUnusable
 from .dense import seg_eval
 from .davis import davis_eval
 from .dinov3 import trainer_class
@@ -43,6 +43,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedules still follow the recipe's epochs)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time (a checkpoint is written)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run (deletes its checkpoints, metrics and recipe)")
     p.add_argument("--branch-from", default=None, metavar="RUN[:STEP]",
                    help="start --out (a new directory) from a checkpoint of another run, its newest or the one at STEP, "
                         "and continue it with this recipe: a later stage, e.g. Gram anchoring switched on (chapter 22)")
@@ -72,11 +73,28 @@ def main(argv=None):
     except (KeyError, ValueError) as e:
         sys.exit(f"dino-train: error: {e.args[0] if e.args else e}")
     if args.print_recipe: print(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False)); return
+    if args.resume and args.overwrite: sys.exit("dino-train: error: --resume continues a run, --overwrite starts it over: give one")
+    out, lock = Path(args.out or recipe.run.out or f"runs/{recipe.name}"), None
+    if int(os.environ.get("RANK", "0")) == 0:       # one process guards the run directory
+        try:
+            lock = RunLock(out).acquire()
+            if not args.branch_from: check_run_dir(out, args.resume, args.overwrite)
+        except (RunLocked, FileExistsError) as e:
+            if lock: lock.release()
+            sys.exit(f"dino-train: error: {e}")
+    try: _train(args, recipe)
+    finally:
+        if lock: lock.release()
+
+def _train(args, recipe):
     if args.branch_from: _branch(args); args.resume = True
     try: tr = make_trainer(recipe, out=args.out, resume=args.resume)
     except (FileNotFoundError, KeyError, ValueError) as e: sys.exit(f"dino-train: error: {e.args[0] if e.args else e}")
     try: tr.fit(max_steps=args.max_steps, max_minutes=args.max_minutes)
-    except NonFiniteLoss as e: sys.exit(f"dino-train: {e}")
+    except (NonFiniteLoss, DataUnusable, CheckpointWriteError) as e: sys.exit(f"dino-train: error: {e}")
+    if tr.stop_signal:                                # preempted: the checkpoint is written, no evaluation; 128 + signal number
+        tr.acc.end_training()
+        sys.exit(128 + (signal.SIGINT if "INT" in tr.stop_signal else signal.SIGTERM))
     if tr.verbose: print(f"[train] {tr.step} steps done; run directory {tr.out} ({tr.skipped} unreadable images skipped)")
     if tr.acc.is_main_process and recipe.run.eval_at_end and not args.no_eval:
         if tr.sharded: consolidate_checkpoint(tr.out)   # evaluation reads a full checkpoint

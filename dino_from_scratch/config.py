@@ -58,6 +58,7 @@ class RunConfig:
     init_from: str | None = None  # start from the weights of this checkpoint / run directory (e.g. high-resolution adaptation)
     init_student_from: str = "student"  # which network of `init_from` the student starts from: "student", or "teacher"
                                         # (DINOv3 high-res: `student.resume_from_teacher_chkpt`, student and EMA = the teacher)
+    collapse_steps: int = 100     # warn once when the teacher stays uniform or on one prototype this many steps in a row (0: off)
 
     def __post_init__(self):
         if self.mixed_precision is False: self.mixed_precision = "no"  # YAML reads a bare `no` as False
@@ -65,6 +66,7 @@ class RunConfig:
             raise ValueError(f"run.init_student_from must be 'student' or 'teacher', got {self.init_student_from!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"run.mixed_precision must be one of auto, no, bf16, fp16; got {self.mixed_precision!r}")
+        if self.collapse_steps < 0: raise ValueError(f"run.collapse_steps must be >= 0 (0 = no collapse warning), got {self.collapse_steps}")
         for f in ("log_every", "ckpt_every", "keep_checkpoints", "knn_k"):
             if getattr(self, f) < 1: raise ValueError(f"run.{f} must be >= 1, got {getattr(self, f)}")
 

@@ -354,16 +354,32 @@ def save(self: ShardedTraining):
 
 @patch
 def resume(self: ShardedTraining) -> bool:
-    "Load the newest complete `step_*.dcp` (any world size can read it)."
+    """Load the newest complete `step_*.dcp` that reads back (any world size can read it); a damaged one (a shard cut
+    short or missing) is reported and the previous one is tried, as for the single-file checkpoints."""
     found = list_sharded_checkpoints(self.out)
     if not found:
         if self.verbose: print(f"[resume] no sharded checkpoint in {self.out}: starting from scratch")
         return False
-    meta = load_sharded_checkpoint(found[0], {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn},
-                                   self.student, self.opt)
-    self.step, self.skipped = meta["step"], meta.get("skipped", 0)
-    self.continue_log(found[0])
-    return True
+    for path in found:
+        try: meta = json.loads((path/"meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as e: meta = None; err = e
+        if meta is not None:
+            self.check_recipe_on_resume(path, meta)         # a changed recipe is an error, not damage
+            try:
+                meta = load_sharded_checkpoint(path, {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn},
+                                               self.student, self.opt)
+            except BaseException as e:                     # DCP's CheckpointException derives from BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
+                meta, err = None, e
+        if meta is None:
+            if self.verbose: print(f"[checkpoint] sharded checkpoint {path} is unreadable ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:200] if str(err) else ''}); trying the previous one", file=sys.stderr)
+            continue
+        self.step, self.skipped = meta["step"], meta.get("skipped", 0)
+        self.continue_log(path)
+        return True
+    raise ValueError(f"no sharded checkpoint of {self.out} reads back (tried {', '.join(p.name for p in found)}); "
+                     f"move them away to start over")
 
 _SHARDED = {}
 def sharded(cls: type) -> type:

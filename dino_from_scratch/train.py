@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #1db3108a
 from __future__ import annotations
-import json, math, time
+import json, math, os, signal, sys, threading, time, warnings
 from itertools import groupby
 from pathlib import Path
 
@@ -16,17 +16,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 
-from .data import ImageDataset, MultiCrop, collate_crops, resolve_data, _item_seed
+from .data import ImageDataset, MultiCrop, collate_crops, resolve_data, load_rgb, BadImage, _item_seed
 from .vit import VisionTransformer, resize_pos_embed
 from .dino import DINOHead, DINOLoss, teacher_stats
 from .schedules import (Schedules, param_groups, set_optim_hparams, clip_gradients,
                                          cancel_last_layer_grads, zero_last_layer_lr, ema_update)
-from .config import Recipe, save_recipe
+from .config import Recipe, save_recipe, recipe_from_dict, recipe_diff
 from .checkpoint import (NonFiniteLoss, save_checkpoint, read_checkpoint, load_optimizer, state_dict_of,
-                                          list_checkpoints, latest_good_checkpoint, truncate_metrics)
+                                          list_checkpoints, latest_good_checkpoint, truncate_metrics,
+                                          CheckpointWriteError, clean_stale_tmp)
 
 # %% auto #0
-__all__ = ['DINOModel', 'build_models', 'StepBatches', 'Trainer']
+__all__ = ['RESUME_MAY_CHANGE', 'DINOModel', 'build_models', 'StepBatches', 'Trainer', 'DataUnusable', 'CollapseWarning',
+           'resume_recipe_diff', 'check_resume_recipe']
 
 # %% ../nbs/05_train.ipynb #63acba7b
 class DINOModel(nn.Module):
@@ -231,6 +233,9 @@ def last_good(self: Trainer) -> str:
     return f"the last good checkpoint is {good[0]} (continue with --resume)" if good else "no checkpoint had been written yet"
 
 # %% ../nbs/05_train.ipynb #4e46a286
+class DataUnusable(RuntimeError):
+    "The data yields no usable batch: (nearly) every image is unreadable."
+
 @patch
 def loader(self: Trainer):
     "A DataLoader from the current step on (its own generator: the global RNG is never consumed)."
@@ -241,27 +246,38 @@ def loader(self: Trainer):
 
 @patch
 def fit(self: Trainer, max_steps: int | None = None, progress: bool = True, max_minutes: float | None = None) -> list:
-    "Train until the end of the schedules, `max_steps` total steps or `max_minutes` of wall clock; returns the logged metrics."
+    """Train until the end of the schedules, `max_steps` total steps or `max_minutes` of wall clock; returns the logged
+    metrics. SIGTERM / SIGINT (Ctrl-C, a notebook's interrupt) stop after the current step with a checkpoint."""
     end = min(len(self.sched), max_steps) if max_steps else len(self.sched)
     deadline = time.perf_counter() + 60 * max_minutes if max_minutes else math.inf
+    self.stop_signal = None
     if self.step >= end: return self.history
+    if self.is_writer: clean_stale_tmp(self.out, self.verbose)         # leftovers of a save that was killed
     run, acc = self.recipe.run, self.acc
     bar = tqdm(total=end, initial=self.step, desc=self.recipe.name, disable=not (progress and self.verbose), dynamic_ncols=True)
-    t0, n_img = time.perf_counter(), 0
-    for crops, labels, skipped in self.loader():
-        self.skipped += skipped
-        if crops is None: continue
-        m = self.train_step([c.to(acc.device, non_blocking=True) for c in crops])
-        n_img += crops[0].shape[0] * acc.num_processes
-        bar.update(1)
-        last = self.step >= end or self.out_of_time(deadline)
-        if self.step % run.log_every == 0 or last:
-            self.log(m, {"epoch": self.step / self.batches.per_epoch, "img_per_s": n_img / max(time.perf_counter() - t0, 1e-9),
-                         "skipped": self.skipped}, bar)
-            t0, n_img = time.perf_counter(), 0
-        if self.step % run.ckpt_every == 0 or last: self.save()
-        if last: break
+    t0, n_img, empty = time.perf_counter(), 0, 0
+    with self.stop_on_signals():
+        for crops, labels, skipped in self.loader():
+            self.skipped += skipped
+            if self.batch_ok(crops):
+                m, empty = self.train_step([c.to(acc.device, non_blocking=True) for c in crops]), 0
+                n_img += crops[0].shape[0] * acc.num_processes
+                self.watch_collapse(m)
+            else:                                     # nothing to learn from: the step (and the data order) still moves on
+                m, empty, self.step = None, empty + 1, self.step + 1
+                if empty >= min(3, self.batches.per_epoch): raise DataUnusable(self.unreadable_report(empty))
+            bar.update(1)
+            last = self.step >= end or self.should_stop(deadline)
+            if m is not None and (self.step % run.log_every == 0 or last):
+                self.log(m, {"epoch": self.step / self.batches.per_epoch, "img_per_s": n_img / max(time.perf_counter() - t0, 1e-9),
+                             "skipped": self.skipped}, bar)
+                t0, n_img = time.perf_counter(), 0
+            if self.step % run.ckpt_every == 0 or last: self.save()
+            if last: break
     bar.close()
+    if self.stop_signal and self.is_writer:
+        print(f"[train] stopped by {self.stop_signal} after step {self.step}; checkpoint {list_checkpoints(self.out)[0]} "
+              f"written (continue with --resume)", file=sys.stderr)
     return self.history
 
 @patch
@@ -279,6 +295,73 @@ def log(self: Trainer, m: dict, extra: dict | None = None, bar=None):
     if self.is_writer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out/"metrics.jsonl", "a") as f: f.write(json.dumps(m) + "\n")
+
+# %% ../nbs/05_train.ipynb #h15cd005
+@patch
+def batch_ok(self: Trainer, crops) -> bool:
+    "Whether every process has images for this step (all agree: a process with an empty batch makes everyone skip)."
+    empty = torch.tensor(float(crops is None), device=self.acc.device)
+    if self.acc.num_processes > 1: empty = self.acc.reduce(empty, "sum")
+    return empty.item() == 0
+
+@patch
+def unreadable_report(self: Trainer, empty: int, n_check: int = 200) -> str:
+    "Why the data is unusable: how many files, how many of an even sample are unreadable, one example."
+    ds, n = self.dataset, len(self.dataset)
+    idx, bad = sorted(set(np.linspace(0, n - 1, min(n, n_check)).round().astype(int).tolist())), []
+    for i in idx:
+        try: load_rgb(ds.sources[i])
+        except BadImage as e: bad.append(str(e))
+    return (f"{empty} steps in a row had no readable image: {len(bad)} of {len(idx)} files checked are unreadable "
+            f"({n} files in {ds.name}; {self.skipped} skipped so far). Example: {bad[0] if bad else '(none in the sample)'}. "
+            f"Check the folder (--data) and the files' format.")
+
+@patch
+def should_stop(self: Trainer, deadline) -> bool:
+    "Out of time or asked to stop by a signal, on any process (then on all of them)."
+    flag = torch.tensor(float(time.perf_counter() > deadline or self.stop_signal is not None), device=self.acc.device)
+    if self.acc.num_processes > 1: flag = self.acc.reduce(flag, "sum")
+    if flag.item() > 0 and self.stop_signal is None and time.perf_counter() <= deadline: self.stop_signal = "a signal on another process"
+    return bool(flag.item() > 0)
+
+class _StopOnSignals:
+    def __init__(self, tr): self.tr, self.old = tr, {}
+    def handler(self, signum, frame):
+        if self.tr.stop_signal is not None: raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")  # twice: at once
+        self.tr.stop_signal = signal.Signals(signum).name
+        if self.tr.is_writer: print(f"[train] {self.tr.stop_signal}: stopping after this step with a checkpoint "
+                                    f"(send it again to stop at once)", file=sys.stderr)
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self.handler)
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, h)
+
+@patch
+def stop_on_signals(self: Trainer): return _StopOnSignals(self)
+
+# %% ../nbs/05_train.ipynb #h15cd006
+class CollapseWarning(UserWarning):
+    "The teacher stayed uniform, or on one prototype, for `run.collapse_steps` steps."
+
+@patch
+def watch_collapse(self: Trainer, m: dict, uniform: float = 0.95, single: float = 0.05):
+    "Count the steps in a row where the teacher looks collapsed and warn once per kind (`run.collapse_steps`; 0 = off)."
+    n, K = self.recipe.run.collapse_steps, self.recipe.head.out_dim
+    if not n or "teacher_entropy" not in m: return
+    st = self.__dict__.setdefault("_collapse", {"uniform": 0, "single": 0, "warned": set()})
+    kinds = {"uniform": m["teacher_entropy"] > uniform * math.log(K), "single": m["teacher_batch_entropy"] < single * math.log(K)}
+    for kind, now in kinds.items():
+        st[kind] = st[kind] + 1 if now else 0
+        if st[kind] < n or kind in st["warned"]: continue
+        st["warned"].add(kind)
+        what = (f"the teacher is uniform: per-sample entropy {m['teacher_entropy']:.3f} ~ ln K = {math.log(K):.3f}" if kind == "uniform"
+                else f"the teacher sends every image to one prototype: batch-mean entropy {m['teacher_batch_entropy']:.3f} ~ 0 (ln K = {math.log(K):.3f})")
+        causes = ("teacher temperature too high or not sharpening (loss.teacher_temp), learning rate too low or warm-up too long"
+                  if kind == "uniform" else
+                  "centering off or too slow (loss.centering, loss.center_momentum), teacher temperature too low, "
+                  "EMA momentum too low (optim.momentum_teacher), learning rate too high, batch too small")
+        warnings.warn(f"collapse at step {self.step}: {what} for {n} steps in a row. Usual causes: {causes}.", CollapseWarning, stacklevel=2)
 
 # %% ../nbs/05_train.ipynb #ac0094e0
 @patch
@@ -298,14 +381,30 @@ def save(self: Trainer):
     self.check_weights()
     if self.is_writer:
         opt = self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt
-        save_checkpoint(self.out/"checkpoints"/f"step_{self.step:07d}.safetensors",
-                        {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn}, opt, self.checkpoint_meta())
-        self.write_recipe()
+        path = self.out/"checkpoints"/f"step_{self.step:07d}.safetensors"
+        try:
+            save_checkpoint(path, {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn}, opt, self.checkpoint_meta())
+            self.write_recipe()
+        except OSError as e:              # disk full, read-only or vanished directory: the older checkpoints are untouched
+            raise CheckpointWriteError(f"could not write checkpoint {path} at step {self.step} ({e.strerror or e}); "
+                                       f"training stopped and {self.last_good()}. Free disk space or fix the "
+                                       f"directory's permissions, then continue with --resume.") from e
         for old in list_checkpoints(self.out)[self.recipe.run.keep_checkpoints:]: old.unlink()
     self.acc.wait_for_everyone()
 
 @patch
-def write_recipe(self: Trainer): save_recipe(self.recipe, self.out/"recipe.yaml")
+def write_recipe(self: Trainer):
+    tmp = self.out/"recipe.yaml.tmp"            # atomic, like the checkpoint: a kill never leaves half a recipe
+    save_recipe(self.recipe, tmp); os.replace(tmp, self.out/"recipe.yaml")
+
+@patch
+def check_recipe_on_resume(self: Trainer, path, meta: dict):
+    """Refuse a resume whose recipe changes more than `checkpoint.RESUME_MAY_CHANGE` allows, with a readable diff.
+    The first resume of a branched run (`branch_run`, a later stage) may change the recipe: that is its purpose."""
+    b = self.out/"branched_from.json"
+    if b.exists() and json.loads(b.read_text()).get("step") == meta["step"]: return
+    allowed = check_resume_recipe(meta.get("recipe", self.recipe.to_dict()), self.recipe, str(path))
+    if allowed and self.verbose: print("[resume] recipe changes allowed on resume: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
 
 @patch
 def resume(self: Trainer) -> bool:
@@ -315,6 +414,7 @@ def resume(self: Trainer) -> bool:
         if self.verbose: print(f"[resume] no checkpoint in {self.out}: starting from scratch")
         return False
     path, tensors, meta = found
+    self.check_recipe_on_resume(path, meta)
     dev = self.acc.device
     self.student.load_state_dict(state_dict_of(tensors, "student"))
     self.teacher.load_state_dict(state_dict_of(tensors, "teacher"))
@@ -330,6 +430,40 @@ def continue_log(self: Trainer, path):
     if self.is_writer: truncate_metrics(self.out, self.step)   # drop log lines past the checkpoint
     self.acc.wait_for_everyone()
     if self.verbose: print(f"[resume] continuing from {path} (step {self.step})")
+
+# %% ../nbs/05_train.ipynb #h15cd003
+RESUME_MAY_CHANGE = {
+    "name": "a label only",
+    "run.out": "where the run directory lives, not what is trained",
+    "run.log_every": "how often metrics are written; the training is the same",
+    "run.ckpt_every": "how often the state is copied to disk; a save never changes the state",
+    "run.keep_checkpoints": "how many old checkpoints stay on disk",
+    "run.eval_at_end": "what happens after training",
+    "run.knn_k": "evaluation only",
+    "run.init_from": "only read by a run that starts from scratch",
+    "run.collapse_steps": "a warning only",
+    "data.num_workers": "loader processes; each item is seeded by (seed, epoch, index), so the batches do not change",
+    "data.path": "the images moved; the SAME files are expected (another folder makes the resume inexact)",
+    "data.eval_size": "evaluation only",
+}
+
+def _jsonable(v): return json.loads(json.dumps(v))
+
+def resume_recipe_diff(saved: dict, recipe: Recipe) -> tuple[dict, dict]:
+    "(refused, allowed) differences {'section.field': (saved, new)} between a checkpoint's recipe and `recipe`."
+    diff = recipe_diff(recipe_from_dict(saved), recipe)
+    diff = {k: v for k, v in diff.items() if _jsonable(v[0]) != _jsonable(v[1])}     # tuples vs lists after JSON
+    return ({k: v for k, v in diff.items() if k not in RESUME_MAY_CHANGE}, {k: v for k, v in diff.items() if k in RESUME_MAY_CHANGE})
+
+def check_resume_recipe(saved: dict, recipe: Recipe, where="the checkpoint") -> dict:
+    "Raise ValueError with a readable diff if `recipe` changes a field that may not change on resume; returns the allowed changes."
+    refused, allowed = resume_recipe_diff(saved, recipe)
+    if refused:
+        rows = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"--resume with a changed recipe: {where} was trained with a different recipe\n{rows}\n"
+                         f"Fields that may change on resume: {', '.join(RESUME_MAY_CHANGE)}. To change anything else, "
+                         f"start a new run from this checkpoint (--branch-from) or use the saved recipe.")
+    return allowed
 
 # %% ../nbs/05_train.ipynb #e455b353
 @patch
