@@ -345,7 +345,7 @@ class CollapseWarning(UserWarning):
     "The teacher stayed uniform, or on one prototype, for `run.collapse_steps` steps."
 
 @patch
-def watch_collapse(self: Trainer, m: dict, uniform: float = 0.95, single: float = 0.05):
+def watch_collapse(self: Trainer, m: dict, uniform: float = 0.95, single: float = 0.1):
     "Count the steps in a row where the teacher looks collapsed and warn once per kind (`run.collapse_steps`; 0 = off)."
     n, K = self.recipe.run.collapse_steps, self.recipe.head.out_dim
     if not n or "teacher_entropy" not in m: return

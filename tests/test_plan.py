@@ -204,12 +204,14 @@ def _check_recipe() -> Recipe:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_prediction_within_15_percent_of_measured_cpu_step():
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_prediction_within_5_percent_of_measured_cpu_step(mode):
+    "The README's accuracy claim, in every checkpointing mode (measured 2026-12-02: +3.4% none, +3.9% selective, +3.6% full)."
     r = _check_recipe()
-    predicted = plan_memory(r, gpus=1, batch_per_gpu=2, precision="fp32", strategy="ddp").total
+    predicted = plan_memory(r, gpus=1, batch_per_gpu=2, precision="fp32", strategy="ddp", checkpointing=mode).total
     assert predicted > 2 * GiB                        # large enough for the allocator's noise not to matter
-    m = measure_train_step(r, 2, steps=2)
-    assert m["measured"] == pytest.approx(predicted, rel=0.15), (m, predicted)
+    m = measure_train_step(r, 2, checkpointing=mode, steps=2)
+    assert m["measured"] == pytest.approx(predicted, rel=0.05), (m, predicted)
 
 
 def test_measure_rejects_bad_mode():
