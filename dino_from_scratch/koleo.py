@@ -23,7 +23,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8, topk: int = 1) -> torch.Tenso
     with torch.no_grad():
         dots = x @ x.t()
         dots.fill_diagonal_(-1)                                         # never pick yourself (DINOv2's trick)
-        nn_idx = dots.topk(topk, dim=1).indices                         # max dot product = min distance; [n, k]
+        nn_idx = dots.argmax(1, keepdim=True) if topk == 1 else dots.topk(topk, dim=1).indices   # min distance; [n, k]
     d = (x[:, None] - x[nn_idx] + eps).norm(dim=-1)                     # = nn.PairwiseDistance(2, eps)(x, x[nn_idx])
     return -torch.log(d + eps).mean()
 
