@@ -11,18 +11,20 @@ import torch.nn.functional as F
 __all__ = ['koleo_loss', 'koleo_per_crop']
 
 # %% ../nbs/09_koleo.ipynb #84fd04d0
-def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8, topk: int = 1) -> torch.Tensor:
     """KoLeo loss -(1/n) sum_i log(d_i + eps) of features x [n, D] (DINOv2 `KoLeoLoss`), with d_i the distance
     from x_i to its nearest neighbour among the other rows, after L2 normalisation. `eps` guards the
-    normalisation, the distance and the log, as DINOv2's default 1e-8 does; eps=0 removes all three."""
+    normalisation, the distance and the log, as DINOv2's default 1e-8 does; eps=0 removes all three. `topk` > 1 averages
+    over the k nearest neighbours (DINOv3 `KoLeoLoss(topk)`; its configs use 1)."""
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"koleo_loss needs features [n, D] with n >= 2 (a nearest neighbour), got shape {tuple(x.shape)}")
+    if not 1 <= topk < x.shape[0]: raise ValueError(f"koleo_loss topk must be in [1, n - 1] = [1, {x.shape[0] - 1}], got {topk}")
     x = F.normalize(x.float(), p=2, dim=-1, eps=eps)                    # float32 even under autocast / fp16 inputs
     with torch.no_grad():
         dots = x @ x.t()
         dots.fill_diagonal_(-1)                                         # never pick yourself (DINOv2's trick)
-        nn_idx = dots.argmax(dim=1)                                     # max dot product = min distance
-    d = (x - x[nn_idx] + eps).norm(dim=-1)                              # = nn.PairwiseDistance(2, eps)(x, x[nn_idx])
+        nn_idx = dots.argmax(1, keepdim=True) if topk == 1 else dots.topk(topk, dim=1).indices   # min distance; [n, k]
+    d = (x[:, None] - x[nn_idx] + eps).norm(dim=-1)                     # = nn.PairwiseDistance(2, eps)(x, x[nn_idx])
     return -torch.log(d + eps).mean()
 
 def koleo_per_crop(cls_tokens: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

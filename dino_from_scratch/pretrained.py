@@ -255,7 +255,8 @@ class Flavour:
 # DINOv3 settings no tensor stores (dinov3/hub/backbones.py, the same for every released ViT): LayerNorm eps 1e-5
 # (`layernormbf16`), RoPE base 100 with separate normalisation and rescale 2 (training only), 224 px
 V3_DEFAULTS = {k: getattr(dinov3_vit_config("vits16"), k) for k in
-               ("img_size", "norm_eps", "pos_embed", "rope_base", "rope_normalize", "rope_shift", "rope_jitter", "rope_rescale")}
+               ("img_size", "norm_eps", "pos_embed", "rope_base", "rope_normalize", "rope_shift", "rope_jitter", "rope_rescale",
+                "token_init", "drop_path_subset_above")}
 DINOV3_HEADS = {D: h for D, _, h, *_ in DINOV3_ARCHS.values()}   # 64 channels per head, except the 7B: 4096 / 32 = 128
 
 def _v3_swiglu_align(D: int, h: int) -> int:

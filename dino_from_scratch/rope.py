@@ -13,9 +13,15 @@ __all__ = ['rope_periods', 'patch_coords', 'rope_angles', 'rope_rotate_half', 'r
            'apply_rope']
 
 # %% ../nbs/17_rope.ipynb #8172df6e
-def rope_periods(head_dim: int, base: float = 100.0) -> torch.Tensor:
-    "The D/4 periods `base ** (2k / (D/2))` shared by the y and x axes (DINOv3: base 100)."
+def rope_periods(head_dim: int, base: float = 100.0, min_period: float | None = None, max_period: float | None = None) -> torch.Tensor:
+    """The D/4 periods `base ** (2k / (D/2))` shared by the y and x axes (DINOv3: base 100), or, with `min_period` and
+    `max_period` (DINOv3's other parametrisation, `pos_embed_rope_min_period/max_period`), geometrically spaced from one to the other."""
     if head_dim % 4: raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    if (min_period is None) != (max_period is None):
+        raise ValueError(f"rope min_period and max_period go together, got {min_period}, {max_period}")
+    if min_period is not None:
+        if not 0 < min_period <= max_period: raise ValueError(f"rope needs 0 < min_period <= max_period, got {min_period}, {max_period}")
+        return (min_period * (max_period / min_period) ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float64)).float()
     k = torch.arange(head_dim // 4, dtype=torch.float64)
     return (base ** (2 * k / (head_dim // 2))).float()
 
@@ -65,7 +71,8 @@ class Rope2D(nn.Module):
     """Axial 2-D RoPE as in DINOv3: periods `base ** (2k/(D/2))`, patch-centre coordinates in (-1, 1), and (training
     mode only) box augmentation: shift (uniform per axis), jitter (log-uniform per axis), rescale (log-uniform, shared)."""
     def __init__(self, head_dim: int, base: float = 100.0, normalize: str = "separate", shift: float | None = None,
-                 jitter: float | None = None, rescale: float | None = None):
+                 jitter: float | None = None, rescale: float | None = None, min_period: float | None = None,
+                 max_period: float | None = None):
         super().__init__()
         for n, v in (("jitter", jitter), ("rescale", rescale)):
             if v is not None and v < 1: raise ValueError(f"rope {n} must be >= 1 (a factor range [1/{n}, {n}]), got {v}")
@@ -74,7 +81,7 @@ class Rope2D(nn.Module):
         self.shift, self.jitter, self.rescale = shift, jitter, rescale
         patch_coords(1, 1, normalize)                       # validates `normalize`
         # a buffer so that it follows .to(device) and checkpoints (the official module saves it too)
-        self.register_buffer("periods", rope_periods(head_dim, base), persistent=True)
+        self.register_buffer("periods", rope_periods(head_dim, base, min_period, max_period), persistent=True)
 
     def coords(self, H: int, W: int) -> torch.Tensor:
         "The (possibly augmented) [H*W, 2] coordinates of this call."

@@ -47,6 +47,8 @@ class ViTConfig:
     rope_shift: float | None = None      # box augmentation in training (DINOv3's configs use rescale 2 only)
     rope_jitter: float | None = None
     rope_rescale: float | None = None
+    rope_min_period: float | None = None # pos_embed_rope_min_period / max_period: periods spaced geometrically between
+    rope_max_period: float | None = None # them instead of `rope_base ** (2k / (D/2))` (null in the official configs)
     mask_k_bias: bool = False            # zero the key part of the qkv bias (DINOv3 `mask_k_bias`)
     untie_local_cls_norm: bool = False   # a separate final norm for local crops' CLS + storage tokens (training only)
     swiglu_align: int = 8                # SwiGLU width rounded up to this (DINOv2: 8; DINOv3 `swiglu64`: 64)
@@ -224,7 +226,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         if cfg.pos_embed == "rope":   # DINOv3: no table; queries and keys of patch tokens are rotated (chapter 17)
             self.pos_embed = None
-            self.rope = Rope2D(D // cfg.num_heads, cfg.rope_base, cfg.rope_normalize, cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale)
+            self.rope = Rope2D(D // cfg.num_heads, cfg.rope_base, cfg.rope_normalize, cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale,
+                               cfg.rope_min_period, cfg.rope_max_period)
         else:
             self.pos_embed, self.rope = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, D)), None
         # registers: no position of their own, inserted after the position embedding (Darcet et al. 2024)
@@ -247,7 +250,8 @@ class VisionTransformer(nn.Module):
     def init_weights(self):
         "DINOv1 init: truncated normal (std 0.02) for linear weights, position embedding and CLS; zeros for biases."
         if self.pos_embed is not None: nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        else: self.rope.periods.copy_(rope_periods(self.rope.head_dim, self.rope.base))   # a buffer: rebuilt after `meta`
+        else: self.rope.periods.copy_(rope_periods(self.rope.head_dim, self.rope.base, self.cfg.rope_min_period,
+                                                    self.cfg.rope_max_period))   # a buffer: rebuilt after `meta`
         ti = self.cfg.token_init   # DINOv1 trunc-N(0, .02) CLS; DINOv2 N(0, 1e-6) CLS and registers; DINOv3 N(0, .02) both
         if ti == "dinov1": nn.init.trunc_normal_(self.cls_token, std=0.02)
         else: nn.init.normal_(self.cls_token, std=1e-6 if ti == "dinov2" else 0.02)

@@ -255,3 +255,31 @@ def test_official_presets_blur_with_torchvision_kernel_9(train_images):
         c = get_recipe(name).data.crops
         assert (c.blur_kernel, c.blur_radius) == (9, (0.1, 2.0)), name
     assert get_recipe("dinov1_vits16").data.crops.blur_kernel == 0                   # DINOv1: PIL radius
+
+
+def test_koleo_topk_and_rope_min_max_periods():
+    from dino_from_scratch.koleo import koleo_loss
+    from dino_from_scratch.rope import rope_periods, Rope2D
+    import math
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    z = nn.functional.normalize(x.double(), dim=-1)
+    by_hand = []
+    for i in range(6):
+        d = sorted(float((z[i] - z[j]).norm()) for j in range(6) if j != i)
+        by_hand.append(d)
+    for k in (1, 2):
+        want = -sum(math.log(d[m]) for d in by_hand for m in range(k)) / (6 * k)
+        assert koleo_loss(x, eps=0.0, topk=k).item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match=r"topk must be in \[1, n - 1\] = \[1, 5\]"):
+        koleo_loss(x, topk=6)
+    p = rope_periods(16, min_period=0.5, max_period=32.0)
+    official = (32.0 / 0.5) ** torch.linspace(0, 1, 4, dtype=torch.float64) / (32.0 / 0.5) * 32.0   # dinov3 _init_weights
+    torch.testing.assert_close(p, official.float())
+    assert torch.equal(Rope2D(16, min_period=0.5, max_period=32.0).periods, p)
+    with pytest.raises(ValueError, match="min_period and max_period go together"):
+        rope_periods(16, min_period=1.0)
+    from dino_from_scratch.vit import VisionTransformer, ViTConfig
+    v = VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, pos_embed="rope",
+                                    rope_min_period=0.5, rope_max_period=32.0))
+    assert torch.equal(v.rope.periods, p)
