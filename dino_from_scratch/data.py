@@ -206,13 +206,14 @@ def resolve_data(data=None, split="train", allow_download=True, verbose=True) ->
         "(pass --data DIR or set DINO_DATA for real training)")
     return ImageDataset(srcs, None, name="bundled-photos"), "bundled-photos"
 
-# %% ../nbs/00_data.ipynb #66d7af48
+# %% ../nbs/00_data.ipynb #46848524
 def read_image_list(path, split=None) -> tuple[list[Path], list[int], list[str]]:
     "Files, labels and class names of a CSV list (columns `path`, optional `label` and `split`)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"image list {str(path)!r} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f: rows = list(csv.DictReader(f))
-    cols = list(rows[0]) if rows else []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows, cols = list(reader), reader.fieldnames or []
     if "path" not in cols: raise ValueError(f"{str(path)!r}: the header needs a 'path' column, got {cols}")
     if split is not None and "split" in cols:
         rows = [r for r in rows if (r["split"] or "").strip() in SPLIT_ALIASES.get(split, (split,))]
@@ -362,7 +363,7 @@ def show_views(views: Sequence[torch.Tensor], n_global: int = 2, title: str | No
     fig.tight_layout()
     return fig
 
-# %% ../nbs/00_data.ipynb #304e6ef2
+# %% ../nbs/00_data.ipynb #73b664a2
 def fit_image(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
     "Resize `img` (bicubic) so that it covers `hw` = (H, W), then center-crop it to exactly `hw` (a no-op when it fits)."
     H, W = hw
@@ -383,9 +384,10 @@ class ImageCache:
         self.hw = (size, size) if size else (first.height, first.width)
         need = len(self.sources) * 3 * self.hw[0] * self.hw[1] / 2**20
         self.in_memory = need <= budget_mb
-        if verbose: print(f"[data] {len(self.sources):,} images at {self.hw[0]}x{self.hw[1]} need {need:,.0f} MB as uint8 "
-                          + (f"<= the cache budget {budget_mb:,.0f} MB (crops.cache_mb): decoding each once into memory"
-                             if self.in_memory else f"> the cache budget {budget_mb:,.0f} MB (crops.cache_mb): streaming, "
+        mb = lambda x: f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+        if verbose: print(f"[data] {len(self.sources):,} images at {self.hw[0]}x{self.hw[1]} need {mb(need)} MB as uint8 "
+                          + (f"<= the cache budget {mb(budget_mb)} MB (crops.cache_mb): decoding each once into memory"
+                             if self.in_memory else f"> the cache budget {mb(budget_mb)} MB (crops.cache_mb): streaming, "
                              "decoding each image every time it is drawn"))
         if self.in_memory: self._fill(verbose)
 
