@@ -1,21 +1,21 @@
 """Images/s of the data pipeline alone and of full tiny_v1 / tiny_v2 train steps, today's PIL loader and defaults
 against the uint8 cache + batched multi-crop (chapter 00, section 3), side by side in one run.
 
-Arms (a backend, DataLoader workers, torch threads, CPU bf16 autocast):
+Arms (a backend, DataLoader workers, torch threads, CPU bf16 autocast); the first five change one thing at a time:
   today        PIL MultiCrop in 2 workers, 2 torch threads, fp32 (the tiny recipes' settings before issue 12)
+  pil_1t       the same loader, 1 torch thread
   pil_1t_bf16  the same loader, 1 torch thread + bf16 autocast (settings only)
-  b_1w_1t      batched in 1 worker, 1 torch thread, fp32
-  b_0w_2t      batched in the main process, 2 torch threads, fp32
   new          batched in 1 worker, 1 torch thread, bf16 autocast
-  b_0w_2t_bf16 batched in the main process, 2 torch threads, bf16 autocast
-  model_only   one fixed in-memory batch (no data loading), 2 threads, bf16: the ceiling of the model step
+  b_1w_1t      batched in 1 worker, 1 torch thread, fp32
+  model_only   one fixed in-memory batch (no data loading), 1 thread, bf16: the ceiling of the model step
+  b_0w_2t, b_0w_2t_bf16  (not run by default) batched in the main process with 2 torch threads
 The machine is shared, so absolute numbers move: every arm runs in short blocks that are interleaved (arm order
 reversed every round), each block starting its own loader (workers included) and timing only after `--warmup`
 steps, and the ratios compare medians over rounds. Each step is timed in parts with simple timers: data (waiting
 for the next batch + moving it to the device), forward (teacher and student), backward, optimizer (AdamW step), EMA
 (teacher update), other (loss, schedules, clipping: the rest).
 
-    .venv/bin/python benchmarks/pipeline.py                        # both recipes, default arms, ~6 min on 2 cores
+    .venv/bin/python benchmarks/pipeline.py                        # both recipes, default arms
     .venv/bin/python benchmarks/pipeline.py --recipes tiny_v1 --arms today,new --rounds 3
     .venv/bin/python benchmarks/pipeline.py --data-only            # the data pipelines alone
     .venv/bin/python benchmarks/pipeline.py --extras compile,channels_last --recipes tiny_v1
@@ -35,12 +35,13 @@ from dino_from_scratch import train as train_module
 
 ARMS = {
     "today":        dict(backend="pil", workers=2, threads=2, bf16=False),
+    "pil_1t":       dict(backend="pil", workers=2, threads=1, bf16=False),
     "pil_1t_bf16":  dict(backend="pil", workers=2, threads=1, bf16=True),
     "b_1w_1t":      dict(backend="batched", workers=1, threads=1, bf16=False),
-    "b_0w_2t":      dict(backend="batched", workers=0, threads=2, bf16=False),
     "new":          dict(backend="batched", workers=1, threads=1, bf16=True),
+    "b_0w_2t":      dict(backend="batched", workers=0, threads=2, bf16=False),
     "b_0w_2t_bf16": dict(backend="batched", workers=0, threads=2, bf16=True),
-    "model_only":   dict(backend=None, workers=0, threads=2, bf16=True),
+    "model_only":   dict(backend=None, workers=0, threads=1, bf16=True),
 }
 PARTS = ("data", "forward", "backward", "optimizer", "ema", "other")
 
@@ -110,34 +111,50 @@ def bench_recipe(name, ds, cache, arms, rounds, warmup, steps, extras, log):
             for a in (arms if rnd % 2 == 0 else arms[::-1]):
                 ips, parts = run_block(tr, ARMS[a], datas.get(ARMS[a]["backend"]), warmup, steps, timers,
                                        fixed if ARMS[a]["backend"] is None else None)
-                res[a].append((ips, parts))
+                res[a].append((ips, parts, os.getloadavg()[0]))
                 log(f"  {name} round {rnd + 1} {a:13s} {ips:7.1f} img/s  " + " ".join(f"{p} {1e3 * v:.0f}" for p, v in parts.items()) + " ms/step")
         out_rows = {}
         for a, runs in res.items():
             med = statistics.median(x[0] for x in runs)
-            out_rows[a] = {"img_per_s": round(med, 1), "all_img_per_s": [round(x[0], 1) for x in runs], **ARMS[a],
+            out_rows[a] = {"img_per_s": round(med, 1), "all_img_per_s": [round(x[0], 1) for x in runs],
+                           "load_avg": [round(x[2], 1) for x in runs], **ARMS[a],
                            "ms_per_step": {p: round(1e3 * statistics.median(x[1][p] for x in runs), 1) for p in PARTS}}
-        extra_rows = bench_extras(tr, fixed, extras, warmup, steps, timers, log) if extras else {}
+        if "today" in res:   # ratios within each round (the two blocks ran minutes apart at most), then their median
+            for a, row in out_rows.items():
+                row["x_today_paired"] = round(statistics.median(x[0] / t[0] for x, t in zip(res[a], res["today"])), 2)
+        extra_rows = bench_extras(tr, fixed, extras, warmup, steps, timers, log, rounds) if extras else {}
     return {"arms": out_rows, "batch_size": r.data.batch_size, "extras": extra_rows}
 
 
-def bench_extras(tr, fixed, extras, warmup, steps, timers, log):
-    "Model-side levers on the fixed batch (1 thread, bf16 autocast unless said): channels-last input, torch.compile."
-    rows = {}
-    base = dict(backend=None, workers=0, threads=1, bf16=True)
-    rows["fixed_1t_bf16"] = run_block(tr, base, None, warmup, steps, timers, fixed)[0]
-    rows["fixed_1t_fp32"] = run_block(tr, {**base, "bf16": False}, None, warmup, steps, timers, fixed)[0]
-    if "channels_last" in extras:
-        cl = [c.contiguous(memory_format=torch.channels_last) for c in fixed]
-        rows["channels_last_1t_bf16"] = run_block(tr, base, None, warmup, steps, timers, cl)[0]
+def bench_extras(tr, fixed, extras, warmup, steps, timers, log, rounds=3):
+    """Model-side levers on one fixed in-memory batch, 1 torch thread, interleaved like the arms: fp32 vs bf16
+    autocast, channels-last input, `torch.compile` of both backbones (compiled once up front; the eager and compiled
+    callables are swapped between blocks, so all variants share the weights and the rounds)."""
+    variants = {"eager_fp32": (False, False, False), "eager_bf16": (True, False, False)}
+    if "channels_last" in extras: variants["channels_last_bf16"] = (True, True, False)
+    rows, backbones = {}, (tr.student.backbone, tr.teacher.backbone)
     if "compile" in extras:
-        for m in (tr.student.backbone, tr.teacher.backbone): m.compile()
-        run_block(tr, base, None, 2, 1, timers, fixed)           # compiles here (both crop sizes, forward and backward)
+        variants |= {"compiled_fp32": (False, False, True), "compiled_bf16": (True, False, True)}
+        t0 = time.perf_counter()
+        for m in backbones: m.compile()
+        for bf16 in (True, False):      # compile for both dtypes and both crop sizes, forward and backward
+            run_block(tr, dict(backend=None, workers=0, threads=1, bf16=bf16), None, 2, 1, timers, fixed)
         rows["compile_seconds"] = round(time.perf_counter() - t0, 1)
-        rows["compiled_1t_bf16"] = run_block(tr, base, None, warmup, steps, timers, fixed)[0]
-        rows["compiled_1t_fp32"] = run_block(tr, {**base, "bf16": False}, None, 2, 1, timers, fixed)[0]   # recompiles for fp32
-        rows["compiled_1t_fp32"] = run_block(tr, {**base, "bf16": False}, None, warmup, steps, timers, fixed)[0]
-    rows = {k: round(v, 1) for k, v in rows.items()}
+        log(f"  compiled in {rows['compile_seconds']} s (two dtypes)")
+    compiled = [m._compiled_call_impl for m in backbones]
+    cl = [c.contiguous(memory_format=torch.channels_last) for c in fixed]
+    res = defaultdict(list)
+    for rnd in range(rounds):
+        for v in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
+            bf16, channels_last, comp = variants[v]
+            for m, c in zip(backbones, compiled): m._compiled_call_impl = c if comp else None
+            res[v].append(run_block(tr, dict(backend=None, workers=0, threads=1, bf16=bf16), None, warmup, steps, timers,
+                                    cl if channels_last else fixed)[0])
+            log(f"  extras round {rnd + 1} {v:18s} {res[v][-1]:6.1f} img/s")
+    for m in backbones: m._compiled_call_impl = None
+    for v, r in res.items():
+        rows[v] = round(statistics.median(r), 1)
+        rows[v + "_x_eager_fp32"] = round(statistics.median(a / b for a, b in zip(r, res["eager_fp32"])), 2)
     log("  extras: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
     return rows
 
@@ -145,7 +162,7 @@ def bench_extras(tr, fixed, extras, warmup, steps, timers, log):
 def bench_data_only(ds, cache, recipe, rounds, batches, log):
     "Images/s of the loaders alone: PIL in 2 workers (today) against batched in the main process (1 thread) and in 1 worker."
     r = get_recipe(recipe)
-    arms = {"pil_2w": ("pil", 2, 1), "batched_0w_1t": ("batched", 0, 1), "batched_1w": ("batched", 1, 1), "batched_0w_2t": ("batched", 0, 2)}
+    arms = {"pil_2w": ("pil", 2, 1), "batched_0w_1t": ("batched", 0, 1), "batched_1w": ("batched", 1, 1)}
     datas = {"pil": multicrop_data(ds, r.data.crops, seed=0, verbose=False), "batched": CachedMultiCrop(ds, r.data.crops, cache=cache)}
     res = defaultdict(list)
     for rnd in range(rounds):
@@ -164,12 +181,13 @@ def bench_data_only(ds, cache, recipe, rounds, batches, log):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default="tiny_v1,tiny_v2")
-    p.add_argument("--arms", default="today,pil_1t_bf16,b_1w_1t,b_0w_2t,new,b_0w_2t_bf16,model_only")
+    p.add_argument("--arms", default="today,pil_1t,pil_1t_bf16,new,b_1w_1t,model_only")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (blocks per arm)")
-    p.add_argument("--warmup", type=int, default=6, help="untimed steps at the start of each block (worker start-up, queue fill)")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each block (worker start-up, queue fill)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per block")
     p.add_argument("--data-only", action="store_true", help="only the data pipelines, no train steps")
     p.add_argument("--data-batches", type=int, default=12)
+    p.add_argument("--no-data-only", action="store_true", help="skip the data-pipeline-alone measurement")
     p.add_argument("--extras", default="", help="comma list: channels_last, compile (model-side levers on a fixed batch)")
     p.add_argument("--data", default=os.environ.get("DINO_DATA"))
     p.add_argument("--json", default=str(Path(__file__).resolve().parent.parent / "data/runs/pipeline_benchmark.json"))
@@ -185,10 +203,10 @@ def main():
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "load_before": round(os.getloadavg()[0], 2),
               "settings": {k: v for k, v in vars(a).items() if k != "json"}, "cache_build_s": cache_s}
-    result["data_only"] = bench_data_only(ds, cache, a.recipes.split(",")[0], a.rounds, a.data_batches, log)
-    d = result["data_only"]
-    log(f"data pipeline alone: batched (main process, 1 thread) / PIL (2 workers) = "
-        f"{d['batched_0w_1t']['img_per_s'] / d['pil_2w']['img_per_s']:.2f}x")
+    if not a.no_data_only:
+        result["data_only"] = d = bench_data_only(ds, cache, a.recipes.split(",")[0], a.rounds, a.data_batches, log)
+        log(f"data pipeline alone: batched (main process, 1 thread) / PIL (2 workers) = "
+            f"{d['batched_0w_1t']['img_per_s'] / d['pil_2w']['img_per_s']:.2f}x")
     if not a.data_only:
         arms = a.arms.split(",")
         for name in a.recipes.split(","):
@@ -196,10 +214,10 @@ def main():
             rows = result[name]["arms"]
             ref = rows.get("today", {}).get("img_per_s")
             log(f"\n{name} (batch {result[name]['batch_size']}; medians of {a.rounds} interleaved blocks of {a.steps} steps)")
-            log(f"{'arm':14s} {'img/s':>7s} {'x today':>8s}  " + " ".join(f"{p:>9s}" for p in PARTS) + "  (ms per step)")
+            log(f"{'arm':14s} {'img/s':>7s} {'x today':>8s} {'paired':>7s}  " + " ".join(f"{p:>9s}" for p in PARTS) + "  (ms per step)")
             for arm, row in rows.items():
-                log(f"{arm:14s} {row['img_per_s']:7.1f} {row['img_per_s'] / ref if ref else float('nan'):7.2f}x  "
-                    + " ".join(f"{row['ms_per_step'][p]:9.1f}" for p in PARTS))
+                log(f"{arm:14s} {row['img_per_s']:7.1f} {row['img_per_s'] / ref if ref else float('nan'):7.2f}x "
+                    f"{row.get('x_today_paired', float('nan')):6.2f}x  " + " ".join(f"{row['ms_per_step'][p]:9.1f}" for p in PARTS))
     result["load_after"] = round(os.getloadavg()[0], 2)
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
