@@ -463,3 +463,14 @@ def test_dino_train_reads_a_csv_list(shared_data, tmp_path):
                 "--set", *SMALL_OVERRIDES])
     assert list((out / "checkpoints").glob("step_*.safetensors"))
     assert str(lst) in (out / "recipe.yaml").read_text()
+
+
+def test_cpu_plan():
+    "One loader worker and one torch thread on 2 cores; no worker on 1 core; more workers for the PIL path on many cores."
+    from dino_from_scratch.data import cpu_plan
+    assert {k: cpu_plan("batched", 2)[k] for k in ("threads", "num_workers")} == {"threads": 1, "num_workers": 1}
+    assert {k: cpu_plan("batched", 1)[k] for k in ("threads", "num_workers")} == {"threads": 1, "num_workers": 0}
+    assert {k: cpu_plan("batched", 32)[k] for k in ("threads", "num_workers")} == {"threads": 28, "num_workers": 4}
+    assert {k: cpu_plan("pil", 8)[k] for k in ("threads", "num_workers")} == {"threads": 4, "num_workers": 4}
+    assert isinstance(cpu_plan()["bf16"], bool)
+    with pytest.raises(ValueError, match="'pil' or 'batched'"): cpu_plan("gpu")
