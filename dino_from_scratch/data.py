@@ -4,22 +4,28 @@
 
 # %% ../nbs/00_data.ipynb #f75d5db6
 from __future__ import annotations
-import os, sys, io, json, tarfile, shutil, urllib.request, warnings
+import os, sys, io, csv, json, math, tarfile, shutil, urllib.request, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import kornia
 from PIL import Image, ImageFilter, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DataLoader
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['IMG_EXTENSIONS', 'SPLIT_ALIASES', 'IMAGENETTE_URL', 'IMAGENET_MEAN', 'IMAGENET_STD', 'split_dir', 'list_images',
-           'BadImage', 'load_rgb', 'ImageDataset', 'project_data_dir', 'download_imagenette', 'sample_photos',
-           'resolve_data', 'MultiCropConfig', 'RandomGaussianBlur', 'MultiCrop', 'collate_crops', 'denormalize',
-           'show_views']
+__all__ = ['IMG_EXTENSIONS', 'SPLIT_ALIASES', 'IMAGENETTE_URL', 'IMAGENET_MEAN', 'IMAGENET_STD', 'N_UNIFORMS', 'split_dir',
+           'list_images', 'BadImage', 'load_rgb', 'ImageDataset', 'project_data_dir', 'download_imagenette',
+           'sample_photos', 'resolve_data', 'read_image_list', 'MultiCropConfig', 'RandomGaussianBlur', 'MultiCrop',
+           'collate_crops', 'denormalize', 'show_views', 'fit_image', 'ImageCache', 'crop_boxes', 'sample_crop_params',
+           'batched_resized_crop', 'batched_flip', 'batched_color_jitter', 'batched_grayscale', 'batched_gaussian_blur',
+           'batched_solarize', 'BatchedMultiCrop', 'reference_views', 'batch_as_is', 'CachedMultiCrop',
+           'multicrop_data', 'crop_loader', 'cpu_plan']
 
 # %% ../nbs/00_data.ipynb #83e197de
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -105,6 +111,12 @@ class ImageDataset(Dataset):
         return cls(files, labels, transform, classes, name=str(folder), **kw)
 
     @classmethod
+    def from_csv(cls, path, split=None, transform=None, **kw):
+        "The images listed in a CSV file (header `path,label`; see `read_image_list`)."
+        files, labels, classes = read_image_list(path, split)
+        return cls(files, labels, transform, classes, name=str(path), **kw)
+
+    @classmethod
     def from_hf(cls, ds, transform=None, image_key="image", label_key="label", **kw):
         "Wrap a Hugging Face `datasets.Dataset`; images are decoded here (robustly), not by `datasets`."
         import datasets
@@ -167,7 +179,7 @@ def sample_photos() -> tuple[list, list[str]]:
     return srcs, names
 
 def resolve_data(data=None, split="train", allow_download=True, verbose=True) -> tuple[ImageDataset, str]:
-    "Find a dataset: `data` > $DINO_DATA > `data/` > download > photos shipped in packages. Returns (dataset, where)."
+    "Find a dataset (`data`: a folder, a CSV list or hf:NAME): `data` > $DINO_DATA > `data/` > download > photos shipped in packages. Returns (dataset, where)."
     say = print if verbose else (lambda *a, **k: None)
     if data is None and os.environ.get("DINO_DATA"): data = os.environ["DINO_DATA"]
     if data is not None:
@@ -178,6 +190,7 @@ def resolve_data(data=None, split="train", allow_download=True, verbose=True) ->
             hf_split = {"val": "validation"}.get(split, split)
             ds = datasets.load_dataset(name, cfg or None, split=hf_split)
             return ImageDataset.from_hf(ds), data
+        if data.lower().endswith(".csv"): return ImageDataset.from_csv(data, split), data
         return ImageDataset.from_folder(data, split), str(split_dir(data, split))
     local = project_data_dir()
     for cand in sorted(local.glob("imagenette*")) if local.is_dir() else []:
@@ -192,6 +205,29 @@ def resolve_data(data=None, split="train", allow_download=True, verbose=True) ->
     say(f"[data] no dataset found: using {len(srcs)} real photos shipped with scikit-image/matplotlib "
         "(pass --data DIR or set DINO_DATA for real training)")
     return ImageDataset(srcs, None, name="bundled-photos"), "bundled-photos"
+
+# %% ../nbs/00_data.ipynb #46848524
+def read_image_list(path, split=None) -> tuple[list[Path], list[int], list[str]]:
+    "Files, labels and class names of a CSV list (columns `path`, optional `label` and `split`)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"image list {str(path)!r} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows, cols = list(reader), reader.fieldnames or []
+    if "path" not in cols: raise ValueError(f"{str(path)!r}: the header needs a 'path' column, got {cols}")
+    if split is not None and "split" in cols:
+        rows = [r for r in rows if (r["split"] or "").strip() in SPLIT_ALIASES.get(split, (split,))]
+    elif split not in (None, "train"):   # as a flat folder: everything is training data
+        raise FileNotFoundError(f"{str(path)!r} has no 'split' column, so no {split!r} split")
+    if not rows: raise FileNotFoundError(f"{str(path)!r} lists no images" + (f" for split {split!r}" if split else ""))
+    files = [p if p.is_absolute() else path.parent / p for p in (Path((r["path"] or "").strip()) for r in rows)]
+    missing = [f"row {k + 2}: {str(p)!r}" for k, p in enumerate(files) if not p.is_file()]
+    if missing: raise FileNotFoundError(f"{str(path)!r}: {len(missing)} listed image(s) not found ({'; '.join(missing[:3])}"
+                                        + (" ..." if len(missing) > 3 else "") + ")")
+    raw = [(r.get("label") or "").strip() for r in rows]
+    if all(v.lstrip("-").isdigit() for v in raw if v): return files, [int(v) if v else -1 for v in raw], []
+    classes = sorted({v for v in raw if v})
+    return files, [classes.index(v) if v else -1 for v in raw], classes
 
 # %% ../nbs/00_data.ipynb #a0988687
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -221,6 +257,12 @@ class MultiCropConfig:
     resolutions: tuple = ()              # mixed-resolution batches: ((global, local, gram, ratio), ...), one drawn per batch
                                          # (DINOv3 high-res stage: `global_local_crop_pairs_ratios`); () = the sizes above
 
+    # --- the batched pipeline (section 3) ---
+    backend: str = "pil"                 # "pil": MultiCrop, one image at a time in loader workers (the reference);
+                                         # "batched": uint8 cache + BatchedMultiCrop on whole batches
+    cache_mb: float = 1024               # batched: memory budget of the uint8 cache; above it images are decoded when drawn
+    cache_size: int = 0                  # batched: cached image side (0: the first image's size; else resize + center crop)
+
     def __post_init__(self):
         for f in ("global_scale", "local_scale", "jitter", "blur_p", "blur_radius", "mean", "std"):
             setattr(self, f, tuple(getattr(self, f)))
@@ -240,6 +282,8 @@ class MultiCropConfig:
             if not 0 < lo <= hi <= 1: raise ValueError(f"crops.{n} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
         if self.global_size < 1 or self.local_size < 1: raise ValueError("crops.global_size and crops.local_size must be positive")
         if self.n_global < 1 or self.n_local < 0: raise ValueError(f"crops.n_global >= 1 and crops.n_local >= 0 required, got {self.n_global}, {self.n_local}")
+        if self.backend not in ("pil", "batched"): raise ValueError(f"crops.backend must be 'pil' or 'batched', got {self.backend!r}")
+        if self.cache_mb < 0 or self.cache_size < 0: raise ValueError(f"crops.cache_mb and crops.cache_size must be >= 0, got {self.cache_mb}, {self.cache_size}")
 
 # %% ../nbs/00_data.ipynb #b32e2873
 class RandomGaussianBlur(torch.nn.Module):
@@ -321,3 +365,261 @@ def show_views(views: Sequence[torch.Tensor], n_global: int = 2, title: str | No
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/00_data.ipynb #73b664a2
+def fit_image(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
+    "Resize `img` (bicubic) so that it covers `hw` = (H, W), then center-crop it to exactly `hw` (a no-op when it fits)."
+    H, W = hw
+    if img.size == (W, H): return img
+    s = max(H / img.height, W / img.width)
+    img = img.resize((max(W, round(img.width * s)), max(H, round(img.height * s))), Image.BICUBIC)
+    left, top = (img.width - W) // 2, (img.height - H) // 2
+    return img.crop((left, top, left + W, top + H))
+
+class ImageCache:
+    """Images as uint8 [3, H, W] of one size: decoded once into memory when `N * 3 * H * W` bytes fit in `budget_mb`,
+    else decoded each time they are drawn (streaming). `size`: 0 keeps the first readable image's (H, W), S > 0 gives
+    S x S (other sizes go through `fit_image`). Unreadable images are warned about, counted (`n_bad`) and skipped."""
+    def __init__(self, sources: Sequence, size: int = 0, budget_mb: float = 1024, verbose: bool = True):
+        self.sources, self.n_bad = list(sources), 0
+        first = next((x for x in map(self._load, range(len(self.sources))) if x is not None), None)
+        if first is None: raise BadImage(f"none of the {len(self.sources)} images can be decoded")
+        self.hw = (size, size) if size else (first.height, first.width)
+        need = len(self.sources) * 3 * self.hw[0] * self.hw[1] / 2**20
+        self.in_memory = need <= budget_mb
+        mb = lambda x: f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+        if verbose: print(f"[data] {len(self.sources):,} images at {self.hw[0]}x{self.hw[1]} need {mb(need)} MB as uint8 "
+                          + (f"<= the cache budget {mb(budget_mb)} MB (crops.cache_mb): decoding each once into memory"
+                             if self.in_memory else f"> the cache budget {mb(budget_mb)} MB (crops.cache_mb): streaming, "
+                             "decoding each image every time it is drawn"))
+        if self.in_memory: self._fill(verbose)
+
+    def _load(self, i):
+        try: return load_rgb(self.sources[i])
+        except BadImage as e: warnings.warn(f"skipping unreadable image {e}")
+
+    def decode(self, i: int) -> torch.Tensor | None:
+        "Image `i` as uint8 [H, W, 3], or None when it cannot be decoded."
+        img = self._load(i)
+        return None if img is None else torch.from_numpy(np.array(fit_image(img, self.hw)))
+
+    def _fill(self, progress: bool):
+        self.data = torch.empty((len(self.sources), *self.hw, 3), dtype=torch.uint8)
+        self.ok = torch.ones(len(self.sources), dtype=torch.bool)
+        for i in tqdm(range(len(self.sources)), desc="decoding into the cache", disable=not progress or len(self.sources) < 2000, leave=False):
+            x = self.decode(i)
+            if x is None: self.ok[i] = False
+            else: self.data[i] = x
+        self.n_bad = int((~self.ok).sum())
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        "uint8 [B', 3, H, W] (channels-last memory) of the readable images among `indices`, and their positions in `indices`."
+        if self.in_memory:
+            keep = [k for k, i in enumerate(indices) if self.ok[i]]
+            x = self.data[torch.as_tensor([indices[k] for k in keep], dtype=torch.long)]
+        else:
+            dec = [self.decode(i) for i in indices]
+            keep = [k for k, d in enumerate(dec) if d is not None]
+            x = torch.stack([dec[k] for k in keep]) if keep else torch.empty((0, *self.hw, 3), dtype=torch.uint8)
+        return x.permute(0, 3, 1, 2), keep
+
+# %% ../nbs/00_data.ipynb #5ac3a813
+N_UNIFORMS = 36   # per view: 10 + 10 crop tries, 2 position, flip, jitter (apply, 4 factors, 4 order keys), gray, blur (2), solarize
+
+def crop_boxes(u: torch.Tensor, scale: tuple, hw: tuple[int, int], ratio: tuple = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's `RandomResizedCrop` boxes from uniforms `u` [..., >= 22]: area fraction from u[..., :10],
+    log-aspect from u[..., 10:20] (the first of the 10 tries that fits), position from u[..., 20:22].
+    Returns int64 [..., 4] = (top, left, height, width)."""
+    H, W = hw
+    u = u.double()
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., :10])
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 10:20])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.double().argmax(-1, keepdim=True)               # the first try that fits
+    w, h, found = w.gather(-1, first)[..., 0].long(), h.gather(-1, first)[..., 0].long(), fits.any(-1)
+    r = W / H                                                    # none fits: the whole image, clipped to the ratio range
+    fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    top = torch.where(found, (u[..., 20] * (H - h + 1)).long(), (H - h) // 2)    # = randint(0, H - h + 1)
+    left = torch.where(found, (u[..., 21] * (W - w + 1)).long(), (W - w) // 2)
+    return torch.stack([top, left, h, w], -1)
+
+def sample_crop_params(cfg: MultiCropConfig, seeds: Sequence[int], hw: tuple[int, int]) -> dict:
+    """Every random choice of the multi-crop of a batch of images of size `hw`, image b's from a generator seeded
+    with `seeds[b]`. Tensors [V, B, ...], V = n_global + n_local views (global first); probabilities as `MultiCrop`'s."""
+    G, V = cfg.n_global, cfg.n_global + cfg.n_local
+    u = torch.stack([torch.rand(V, N_UNIFORMS, generator=torch.Generator().manual_seed(int(s))) for s in seeds], 1)
+    per_view = lambda glob, loc: torch.tensor([glob[v % 2] if v < G else loc for v in range(V)])[:, None]
+    b, c, s, h = cfg.jitter
+    lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
+    r0, r1 = cfg.blur_radius
+    return {"box": torch.cat([crop_boxes(u[:G], cfg.global_scale, hw), crop_boxes(u[G:], cfg.local_scale, hw)]),
+            "flip": u[..., 22] < cfg.flip_p,
+            "jitter": u[..., 23] < cfg.jitter_p, "factors": lo + (hi - lo) * u[..., 24:28], "order": u[..., 28:32].argsort(-1),
+            "gray": u[..., 32] < cfg.gray_p,
+            "blur": u[..., 33] < per_view(cfg.blur_p[:2], cfg.blur_p[2]), "sigma": r0 + (r1 - r0) * u[..., 34],
+            "solarize": u[..., 35] < per_view((0.0, cfg.solarize_p), 0.0)}
+
+# %% ../nbs/00_data.ipynb #82c350e4
+def batched_resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] and boxes [V, B, 4] (top, left, height, width) -> uint8 [V * B, 3, size, size], view-major:
+    torchvision's antialiased bicubic resize of each crop (PIL's filter on tensors), one call per crop."""
+    return torch.stack([TF.resized_crop(images[b], *box, [size, size], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+                        for view in boxes.tolist() for b, box in enumerate(view)])
+
+def _rows(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> torch.Tensor:
+    "Write `fn(x[rows], *(a[rows] for a in args))` into the rows of `x` where `mask` [B] is set (in place; others untouched)."
+    rows = mask.nonzero()[:, 0]
+    if len(rows): x[rows] = fn(x[rows], *(a[rows] for a in args))
+    return x
+
+def batched_flip(x, flip): return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+_KORNIA_JITTER = (kornia.enhance.adjust_brightness_accumulative, kornia.enhance.adjust_contrast_with_mean_subtraction,
+                  kornia.enhance.adjust_saturation_with_gray_subtraction,
+                  lambda x, f: kornia.enhance.adjust_hue(x, f * 2 * math.pi))    # torchvision's hue is in turns, kornia's in radians
+
+def batched_color_jitter(x, apply, factors, order, strength=(1, 1, 1, 1)):
+    """Float [B, 3, H, W] in [0, 1]: rows with `apply` get brightness, contrast, saturation and hue `factors` [B, 4]
+    (torchvision's meaning) in their own `order` [B, 4]; an operation of `strength` 0 is skipped (as `ColorJitter`)."""
+    x = x.clone()
+    for slot in range(4):
+        for op in range(4):
+            if strength[op]: _rows(x, apply & (order[:, slot] == op), _KORNIA_JITTER[op], factors[:, op])
+    return x
+
+def batched_grayscale(x, gray):
+    return _rows(x.clone(), gray, lambda y: kornia.color.rgb_to_grayscale(y).expand(-1, 3, -1, -1))
+
+def batched_gaussian_blur(x, blur, sigma, max_sigma: float = 2.0):
+    "PIL's `GaussianBlur(radius=sigma)`: a Gaussian of standard deviation `sigma` [B] (3-sigma kernel, edges replicated)."
+    k = 2 * math.ceil(3 * max_sigma) + 1
+    return _rows(x.clone(), blur, lambda y, s: kornia.filters.gaussian_blur2d(y, k, s[:, None].expand(-1, 2), border_type="replicate"), sigma)
+
+def batched_solarize(x, solarize): return _rows(x.clone(), solarize, lambda y: kornia.enhance.solarize(y, 128 / 255))
+
+# %% ../nbs/00_data.ipynb #1fead946
+class BatchedMultiCrop:
+    """`MultiCrop` for a batch of uint8 images [B, 3, H, W], one seed per image (see `sample_crop_params`). Returns
+    `n_global` global crops, `n_local` local crops, then the Gram-teacher copies (with `gram_size`), each [B, 3, s, s]."""
+    def __init__(self, cfg: MultiCropConfig = MultiCropConfig()):
+        self.cfg = cfg
+        self.groups = [tuple(map(int, r[:3])) for r in cfg.resolutions] or [(cfg.global_size, cfg.local_size, cfg.gram_size)]
+
+    def __call__(self, images: torch.Tensor, seeds: Sequence[int], group: int = 0) -> list[torch.Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"BatchedMultiCrop needs uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if len(seeds) != len(images): raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        if not 0 <= group < len(self.groups): raise ValueError(f"resolution group {group} out of range (0..{len(self.groups) - 1})")
+        return self.apply(images, sample_crop_params(self.cfg, seeds, tuple(images.shape[-2:])), group)
+
+    def photometric(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        "uint8 crops -> normalised float views: colour jitter, grayscale, blur, solarize (where each row drew them)."
+        c = self.cfg
+        x = batched_color_jitter(x.float() / 255, p["jitter"], p["factors"], p["order"], c.jitter)
+        x = batched_gaussian_blur(batched_grayscale(x, p["gray"]), p["blur"], p["sigma"], c.blur_radius[1])
+        return TF.normalize(batched_solarize(x, p["solarize"]), c.mean, c.std)
+
+    def apply(self, images: torch.Tensor, p: dict, group: int = 0) -> list[torch.Tensor]:
+        "The views of `images` with the parameters `p` of `sample_crop_params`."
+        c, (g, l, gram) = self.cfg, self.groups[group]
+        B, G, L = len(images), c.n_global, c.n_local
+        rows = lambda vs: {k: v[vs].flatten(0, 1).to(images.device) for k, v in p.items() if k != "box"}   # [V, B] -> [V * B]
+        resize = lambda x, s: TF.resize(x, [s, s], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        big = max(g, gram)          # as MultiCrop: crop once at the larger size, resize for the student and the Gram teacher
+        pg = rows(slice(0, G))
+        base = batched_flip(batched_resized_crop(images, p["box"][:G], big), pg["flip"])
+        grams = TF.normalize(resize(base, gram).float() / 255, c.mean, c.std) if gram and c.gram_no_distortion else None
+        glob = self.photometric(resize(base, g) if big != g and c.gram_no_distortion else base, pg)
+        if gram and not c.gram_no_distortion: grams, glob = resize(glob, gram), (resize(glob, g) if big != g else glob)
+        views = list(glob.unflatten(0, (G, B)))
+        if L:
+            pl = rows(slice(G, G + L))
+            views += list(self.photometric(batched_flip(batched_resized_crop(images, p["box"][G:], l), pl["flip"]), pl).unflatten(0, (L, B)))
+        return views + (list(grams.unflatten(0, (G, B))) if gram else [])
+
+# %% ../nbs/00_data.ipynb #d19f6e38
+_PIL_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+def reference_views(img: Image.Image, p: dict, b: int, cfg: MultiCropConfig, group: int = 0) -> list[torch.Tensor]:
+    """The PIL path (`MultiCrop`'s operations on one PIL image) with image `b`'s parameters from `p`
+    (`sample_crop_params`) instead of fresh random draws: the reference for the batched path."""
+    (g, l, gram), G, bic = BatchedMultiCrop(cfg).groups[group], cfg.n_global, T.InterpolationMode.BICUBIC
+    tensor = lambda im: TF.normalize(TF.to_dtype(TF.to_image(im), torch.float32, scale=True), cfg.mean, cfg.std)
+    def crop(v, size):
+        im = TF.resized_crop(img, *p["box"][v, b].tolist(), [size, size], interpolation=bic)
+        return TF.horizontal_flip(im) if p["flip"][v, b] else im
+    def photo(im, v):
+        if p["jitter"][v, b]:
+            for op in p["order"][v, b].tolist():
+                if cfg.jitter[op]: im = _PIL_JITTER[op](im, float(p["factors"][v, b, op]))
+        if p["gray"][v, b]: im = TF.rgb_to_grayscale(im, num_output_channels=3)
+        if p["blur"][v, b]: im = im.filter(ImageFilter.GaussianBlur(radius=float(p["sigma"][v, b])))
+        if p["solarize"][v, b]: im = TF.solarize(im, 128)
+        return tensor(im)
+    big, views, grams = max(g, gram), [], []
+    for v in range(G):
+        base = crop(v, big)
+        if gram and cfg.gram_no_distortion: grams.append(tensor(TF.resize(base, [gram, gram], interpolation=bic)))
+        x = photo(TF.resize(base, [g, g], interpolation=bic) if big != g and cfg.gram_no_distortion else base, v)
+        if gram and not cfg.gram_no_distortion:
+            grams.append(TF.resize(x, [gram, gram], interpolation=bic))
+            if big != g: x = TF.resize(x, [g, g], interpolation=bic)
+        views.append(x)
+    return views + [photo(crop(v, l), v) for v in range(G, G + cfg.n_local)] + grams
+
+# %% ../nbs/00_data.ipynb #bead0d25
+def batch_as_is(batch): return batch     # the collate function for `CachedMultiCrop`: its batches come assembled
+
+class CachedMultiCrop(Dataset):
+    """`ImageCache` + `BatchedMultiCrop` as a dataset whose `__getitems__` takes a batch sampler's keys ((epoch, index)
+    or (epoch, index, group)) and returns `collate_crops`'s (views, labels, skipped). Image `index` of `epoch` gets the
+    parameters of seed `_item_seed(seed, epoch, index)` whatever its batch, rank or worker."""
+    def __init__(self, dataset: ImageDataset, cfg: MultiCropConfig, seed: int = 0, verbose: bool = True, cache: ImageCache | None = None):
+        self.labels, self.cfg, self.seed, self.name = torch.as_tensor(dataset.labels), cfg, seed, dataset.name
+        self.cache = cache or ImageCache(dataset.sources, cfg.cache_size, cfg.cache_mb, verbose=verbose)   # or share a built one
+        if len(self.cache.sources) != len(self.labels): raise ValueError(f"the cache holds {len(self.cache.sources)} images, the dataset {len(self.labels)}")
+        self.crops = BatchedMultiCrop(cfg)
+    def __len__(self): return len(self.labels)
+    def __repr__(self): return f"{type(self).__name__}({self.name!r}, n={len(self)}, in_memory={self.cache.in_memory})"
+
+    def __getitems__(self, keys: list) -> tuple:
+        keys = [k if isinstance(k, tuple) else (0, k) for k in keys]
+        images, keep = self.cache.get([k[1] for k in keys])
+        kept = [keys[k] for k in keep]
+        if not kept: return None, None, len(keys)
+        groups = {k[2] if len(k) > 2 else 0 for k in kept}
+        if len(groups) > 1: raise ValueError(f"one batch mixes resolution groups {sorted(groups)}")
+        views = self.crops(images, [_item_seed(self.seed, e, i) for e, i, *_ in kept], groups.pop())
+        return views, self.labels[[k[1] for k in kept]], len(keys) - len(kept)
+
+    def __getitem__(self, key):
+        "One item as `ImageDataset` gives it with a `MultiCrop` transform: (views, label), or None if unreadable."
+        views, labels, _ = self.__getitems__([key])
+        return None if views is None else ([v[0] for v in views], int(labels[0]))
+
+def multicrop_data(dataset: ImageDataset, cfg: MultiCropConfig, seed: int = 0, verbose: bool = True):
+    "What a trainer loads from, by `cfg.backend`: `dataset` with a `MultiCrop` transform ('pil') or a `CachedMultiCrop` ('batched')."
+    if cfg.backend == "batched": return CachedMultiCrop(dataset, cfg, seed, verbose)
+    dataset.transform, dataset.seed = MultiCrop(cfg), seed
+    return dataset
+
+def crop_loader(data, batch_sampler, num_workers: int = 0) -> DataLoader:
+    "A DataLoader of (views, labels, skipped) batches over `multicrop_data`'s result."
+    return DataLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, persistent_workers=False,
+                      collate_fn=batch_as_is if isinstance(data, CachedMultiCrop) else collate_crops,
+                      generator=torch.Generator().manual_seed(0), prefetch_factor=4 if num_workers else None)
+
+# %% ../nbs/00_data.ipynb #b979c095
+def _native_bf16() -> bool:
+    "Whether this CPU has native bf16 matrix instructions (oneDNN's check; AVX512-BF16 or AMX)."
+    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError): return False
+
+def cpu_plan(backend: str = "batched", cpus: int | None = None) -> dict:
+    "Torch threads and loader workers for a CPU-only run on `cpus` cores (default: those this process may use)."
+    if backend not in ("pil", "batched"): raise ValueError(f"backend must be 'pil' or 'batched', got {backend!r}")
+    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = 0 if cpus == 1 else max(1, cpus // 8) if backend == "batched" else max(1, cpus // 2)
+    return {"threads": max(1, cpus - workers), "num_workers": workers, "bf16": _native_bf16()}
