@@ -30,7 +30,8 @@ import torch
 
 from dino_from_scratch.config import get_recipe, override
 from dino_from_scratch.data import resolve_data, multicrop_data, crop_loader, CachedMultiCrop, ImageCache
-from dino_from_scratch.train import make_trainer, StepBatches
+from dino_from_scratch.cli import make_trainer
+from dino_from_scratch.train import StepBatches
 from dino_from_scratch import train as train_module
 
 ARMS = {

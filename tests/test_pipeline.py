@@ -453,13 +453,13 @@ def test_csv_list_errors(shared_data, tmp_path):
 
 def test_dino_train_reads_a_csv_list(shared_data, tmp_path):
     "`dino-train --data list.csv` trains, and the run's recipe keeps the list as its data path."
-    from dino_from_scratch import train
+    from dino_from_scratch import cli
     folder = make_small_folder(shared_data, tmp_path / "imgs", n_classes=2, n_train=6, n_val=2)
     rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted((folder / "train").rglob("*.jpg"))]
     lst = tmp_path / "list.csv"
     lst.write_text("path,label\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
-    train.main(["--recipe", "tiny_v1", "--data", str(lst), "--out", str(out), "--max-steps", "1", "--no-eval",
+    cli.main(["--recipe", "tiny_v1", "--data", str(lst), "--out", str(out), "--max-steps", "1", "--no-eval",
                 "--set", *SMALL_OVERRIDES])
     assert list((out / "checkpoints").glob("step_*.safetensors"))
     assert str(lst) in (out / "recipe.yaml").read_text()

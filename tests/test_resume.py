@@ -45,9 +45,10 @@ def _assert_same_state(a, b):
         assert (ga["lr"], ga["weight_decay"]) == (gb["lr"], gb["weight_decay"])
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_is_bit_identical(train_images, tmp_path, num_workers):
-    r = small_recipe(f"data.num_workers={num_workers}", "optim.epochs=3")  # 2 steps/epoch -> 6 steps
+@pytest.mark.parametrize("backend,num_workers", [("pil", 0), ("pil", 2), ("batched", 0), ("batched", 1)])
+def test_resume_is_bit_identical(train_images, tmp_path, backend, num_workers):
+    # PIL multi-crop per image, or the uint8 cache + batched multi-crop of chapter 00: both resume exactly
+    r = small_recipe(f"data.num_workers={num_workers}", "optim.epochs=3", f"data.crops.backend={backend}")  # 2 steps/epoch -> 6 steps
     straight = train.Trainer(r, out=tmp_path / "straight", dataset=_fresh(train_images), verbose=False)
     assert len(straight.sched) == 6
     straight.fit(max_steps=6, progress=False)

@@ -10,7 +10,8 @@ Rules (a small subset of what nbdev_readme/quarto would do):
   or `#| include: false`, are dropped;
 - markdown cells are copied verbatim;
 - code cells become ```python fenced blocks (nbdev `#|` directive lines removed), followed by their
-  text outputs, if any (stdout streams and text/plain results only; no images, no stderr), each as a
+  text outputs, if any (stdout streams and text/plain results only; no images, no stderr; a text/markdown result
+  goes in as Markdown), each as a
   plain fenced block. `#| echo: false` hides the code, `#| output: false` hides the outputs.
 """
 import argparse
@@ -52,12 +53,16 @@ def _text_outputs(cell):
             if o.get("name") != "stdout": continue
             txt = o.get("text", "")
         elif t in ("execute_result", "display_data"):
+            md = o.get("data", {}).get("text/markdown")
+            if md is not None:   # a Markdown result (e.g. a table) goes in as Markdown, not as a fenced block
+                yield "".join(md) if isinstance(md, list) else md, True
+                continue
             txt = o.get("data", {}).get("text/plain")
             if txt is None: continue
         else: continue  # errors are not shown
         if isinstance(txt, list): txt = "".join(txt)
         txt = _ANSI.sub("", txt).rstrip()
-        if txt: yield txt
+        if txt: yield txt, False
 
 
 def render(nb_path) -> str:
@@ -78,7 +83,7 @@ def render(nb_path) -> str:
         direc, code = _directives(src)
         if _DROP & direc.keys() or direc.get("include") == "false": continue
         if direc.get("echo") != "false" and code.strip(): parts.append(_fence(code, "python"))
-        if direc.get("output") != "false": parts.extend(_fence(t) for t in _text_outputs(cell))
+        if direc.get("output") != "false": parts.extend(t.strip("\n") if md else _fence(t) for t, md in _text_outputs(cell))
     return "\n\n".join(parts) + "\n"
 
 
