@@ -214,10 +214,17 @@ def execute(path: Path, env: dict, timeout: int, kernel: str | None) -> "nbforma
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     kw = {"kernel_name": kernel} if kernel else {}
+    # cells marked `#| eval: false` (e.g. `if __name__ == "__main__": main()`) are not run, as nbdev's test_nb does
+    skipped = {i: c.source for i, c in enumerate(nb.cells) if c.cell_type == "code" and _EVAL_FALSE.search(c.source)}
+    for i in skipped: nb.cells[i].source = ""
     client = NotebookClient(nb, timeout=timeout, resources={"metadata": {"path": str(path.parent)}},
                             record_timing=False, store_widget_state=True, **kw)
-    client.execute(env=env)                            # passed on to the kernel manager's start_kernel
+    try: client.execute(env=env)                       # passed on to the kernel manager's start_kernel
+    finally:
+        for i, src in skipped.items(): nb.cells[i].source = src
     return nb
+
+_EVAL_FALSE = re.compile(r"^\s*#\s*\|\s*eval\s*:\s*false\b", re.M)
 
 
 def nbdev_clean_file(path: Path):
