@@ -288,7 +288,7 @@ def plot_seg_predictions(images: torch.Tensor, masks: torch.Tensor, preds, n: in
     if path: fig.savefig(path, dpi=110); plt.close(fig)
     return fig
 
-# %% ../nbs/13_dense_eval.ipynb #f40bb945
+# %% ../nbs/13_dense_eval.ipynb #abfb0464
 DEPTH_MIN, DEPTH_MAX = 1e-3, 10.0     # metres: NYU eval range (dinov3 config-nyu.yaml eval.min_depth / max_depth)
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")   # how PIL opens a 16-bit greyscale PNG
 
@@ -339,7 +339,7 @@ def load_depth_folder(root=None, split: str = "train", limit: int | None = None)
         imgs.append(img); deps.append(dep)
     return DepthData(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(deps)), [f.stem for f in files])
 
-# %% ../nbs/13_dense_eval.ipynb #e666d227
+# %% ../nbs/13_dense_eval.ipynb #6f1511e0
 def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = DEPTH_MIN, max_depth: float = DEPTH_MAX) -> dict:
     """NYU metrics of depth maps `pred`, `gt` [N, H, W] (metres), per image over valid pixels (min_depth < gt < max_depth),
     predictions clamped to [min_depth, max_depth], then averaged over the images that have a valid pixel."""
@@ -356,7 +356,7 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = DEPTH
     m = torch.tensor(rows).mean(0).tolist()
     return dict(zip(("rmse", "abs_rel", "delta1", "delta2", "delta3"), m)) | {"n_images": len(rows)}
 
-# %% ../nbs/13_dense_eval.ipynb #1ce3ac88
+# %% ../nbs/13_dense_eval.ipynb #325c635d
 @torch.no_grad()
 def extract_dense_features(model, images: torch.Tensor, size=(192, 256), batch_size: int = 32, device=None,
                            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +408,7 @@ def sig_loss(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = DEPTH_MIN,
     g = torch.log(pred[v] + eps) - torch.log(gt[v] + eps)
     return torch.sqrt(g.var(unbiased=g.numel() > 1) + lam * g.mean() ** 2)
 
-# %% ../nbs/13_dense_eval.ipynb #bd97a605
+# %% ../nbs/13_dense_eval.ipynb #16ce2ac6
 def train_linear_depth(patches: torch.Tensor, cls: torch.Tensor | None, depths: torch.Tensor, epochs: int = 10,
                        lr: float = 3e-3, weight_decay: float = 1e-4, batch_size: int = 8, use_cls: bool = True,
                        bins: str = "linear", upsample: int = 1, seed: int = 0, progress: bool = False) -> LinearDepthHead:
@@ -457,13 +457,13 @@ def depth_eval(model, data_root=None, size=None, epochs: int = 10, lr: float = 3
                 "min_depth": DEPTH_MIN, "max_depth": DEPTH_MAX,
                 "seconds_features": round(t1 - t0, 1), "seconds_probe": round(time.perf_counter() - t1, 1)}
 
-# %% ../nbs/13_dense_eval.ipynb #7e59499b
+# %% ../nbs/13_dense_eval.ipynb #4157ed0d
 def plot_depth_predictions(images: torch.Tensor, depths: torch.Tensor, preds, idx=(0,), vmax: float | None = None, path=None):
     "Rows of (image, ground-truth depth, predicted depth(s)), one colour scale per row; `preds` is a map [N, H, W] or a dict name -> maps."
     import matplotlib.pyplot as plt
     preds = preds if isinstance(preds, dict) else {"prediction": preds}
     idx, cols = list(idx), 2 + len(preds)
-    fig, axs = plt.subplots(len(idx), cols, figsize=(2.4 * cols, 1.9 * len(idx) + 0.3), squeeze=False)
+    fig, axs = plt.subplots(len(idx), cols, figsize=(1.7 * cols + 0.6, 1.25 * len(idx) + 0.2), dpi=80, squeeze=False, layout="constrained")
     for r, i in enumerate(idx):
         gt = depths[i].clone(); gt[gt <= 0] = float("nan")           # invalid pixels blank
         hi = vmax or float(np.nanmax(gt.numpy()))
@@ -472,9 +472,8 @@ def plot_depth_predictions(images: torch.Tensor, depths: torch.Tensor, preds, id
         for c, (name, p) in enumerate(preds.items()):
             axs[r, 2 + c].imshow(p[i], cmap="magma_r", vmin=0, vmax=hi)
             if r == 0: axs[r, 2 + c].set_title(name, fontsize=9)
-        fig.colorbar(im, ax=axs[r, -1], fraction=0.046, pad=0.02, label="m")
+        fig.colorbar(im, ax=axs[r, :].tolist(), fraction=0.02, pad=0.01, label="depth (m)")
     axs[0, 0].set_title("image", fontsize=9); axs[0, 1].set_title("ground truth", fontsize=9)
     for a in axs.flat: a.axis("off")
-    fig.tight_layout()
     if path: fig.savefig(path, dpi=80); plt.close(fig)
     return fig
