@@ -3,7 +3,7 @@
 Four arms, each `text.tiny_align_config()` (batch 128, 240 steps, 128 px, one intra-op thread) on captions-mini train:
 {trained tiny_v2, the same architecture at random init (seed 0)} x {CLS + mean patch (dino.txt), CLS only (LiT)}.
 Each is evaluated on captions-mini val retrieval (R@1/5/10 both ways), Imagenette val zero-shot top-1 (prompt
-ensembling), CamVid val open-vocabulary mIoU (at 96x128 and 192x256). Also measured in the same run: training
+ensembling), CamVid val open-vocabulary mIoU and pointing game (at 96x128 and 192x256; CamVid val and train). Also measured in the same run: training
 images/s with cached frozen tokens against running the frozen backbone in every step (the reason for the cache),
 and the mIoU of constant predictions (the floor).
 
@@ -88,12 +88,14 @@ def main():
             e = evaluate_aligned(tr.model, tr.tokenizer, seg_size=size, cache_dir=args.cache)
             r.setdefault("retrieval", e.get("retrieval")); r.setdefault("zero_shot", e.get("zero_shot"))
             r[f"segmentation_{size[0]}x{size[1]}"] = e.get("segmentation")
+            r[f"camvid_train_{size[0]}x{size[1]}"] = e.get("segmentation_camvid_train")
         if arm == "trained:cls_patch": res["cache_speed"] = cache_speed(tr)
         res["arms"][arm] = r
         rr, z, s = r["retrieval"], r["zero_shot"], r["segmentation_96x128"]
         print(f"[{arm}] i2t R@1/5/10 {rr['i2t_r1']:.1f}/{rr['i2t_r5']:.1f}/{rr['i2t_r10']:.1f}  t2i {rr['t2i_r1']:.1f}/"
               f"{rr['t2i_r5']:.1f}/{rr['t2i_r10']:.1f}  zero-shot {z['top1']:.1f} (1 template {z['top1_one_template']:.1f})  "
-              f"mIoU 96x128 {s['miou']:.2f}, 192x256 {r['segmentation_192x256']['miou']:.2f}", flush=True)
+              f"mIoU 96x128 {s['miou']:.2f}, 192x256 {r['segmentation_192x256']['miou']:.2f}  pointing val {s['pointing']['mean']:.1f} "
+              f"train {r['camvid_train_96x128']['pointing']['mean']:.1f}", flush=True)
         (out / "result.json").write_text(json.dumps(res, indent=1))
     seg = load_seg_folder(None, "val")
     res["segmentation_constant"] = {c: miou(torch.full_like(seg.masks, k), seg.masks)["miou"] * 100
