@@ -148,7 +148,7 @@ def test_depth_eval_runs_on_vit_and_convnext(depth_root):
 
 
 def test_cli_depth(depth_root, capsys, tmp_path):
-    from dino_from_scratch.eval import main
+    from dino_from_scratch.cli import eval_main as main
     main(["depth", "--recipe", "tiny_v1", "--random-init", "--data", str(depth_root), "--limit", "4", "--epochs", "1",
           "--size", "64x96", "--bins", "log"])
     out = json.loads(capsys.readouterr().out)
