@@ -19,7 +19,7 @@ from dino_from_scratch.convnext import ConvNeXt, ConvNeXtConfig, build_backbone,
 from dino_from_scratch.dense import depth_eval, seg_eval
 from dino_from_scratch.dinov2 import DINOv2Trainer
 from dino_from_scratch.eval import knn_eval, load_backbone, random_backbone
-from dino_from_scratch.train import latest_good_checkpoint, read_checkpoint
+from dino_from_scratch.checkpoint import latest_good_checkpoint, read_checkpoint
 
 # the CPU-sized ConvNeXt: ConvNeXt-T's design (official stem 4, 4 stages, 7x7 depthwise, 4x MLP, LayerScale 1e-6) at half
 # its widths and 6 blocks instead of 18. Its last map has stride 32 (2x2 at 64 px); with the official pseudo patch size 16

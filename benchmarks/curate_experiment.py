@@ -126,7 +126,7 @@ def train_stage(a, out, arm):
     from dino_from_scratch.data import ImageDataset
     from dino_from_scratch.dense import seg_eval
     from dino_from_scratch.eval import knn_eval, load_backbone
-    from dino_from_scratch.train import make_trainer
+    from dino_from_scratch.cli import make_trainer
     paths = read_list(out/f"{arm}.csv")
     per_epoch = len(paths) // a.batch_size
     recipe = override(get_recipe("tiny_v2"), [f"optim.epochs={a.steps / per_epoch:.6f}", f"data.batch_size={a.batch_size}",
