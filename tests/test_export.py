@@ -212,7 +212,7 @@ def _load_hf(folder):
 
 HF_CASES = {   # ours -> the transformers class that must load it
     "learned": (lambda: vit(), "Dinov2Model"),
-    "learned_swiglu": (lambda: dinov2_vit("vits14", depth=2, img_size=56, embed_dim=64, num_heads=2, ffn="swiglu"), "Dinov2Model"),
+    "learned_swiglu": (lambda: dinov2_vit("vits14", depth=2, img_size=56, embed_dim=64, num_heads=2, ffn="swiglu", interpolate_offset=0.0), "Dinov2Model"),
     "registers_antialias": (lambda: vit(num_registers=2, interpolate_antialias=True, layerscale=1e-5, qkv_bias=False), "Dinov2WithRegistersModel"),
     "rope": (lambda: dinov3_vit("vits16", depth=2, embed_dim=64, num_heads=2), "DINOv3ViTModel"),
     "rope_gated_no_registers": (lambda: dinov3_vit("vits16plus", depth=2, embed_dim=64, num_heads=2, num_registers=0), "DINOv3ViTModel"),
@@ -270,7 +270,7 @@ def test_hf_config_and_names(tmp_path):
 TIMM_CASES = {
     "learned_antialias": lambda: vit(interpolate_antialias=True),
     "registers_antialias": lambda: vit(num_registers=2, interpolate_antialias=True, layerscale=1e-5),
-    "swiglu_antialias": lambda: dinov2_vit("vits14", depth=2, img_size=56, embed_dim=64, num_heads=2, ffn="swiglu", interpolate_antialias=True),
+    "swiglu_antialias": lambda: dinov2_vit("vits14", depth=2, img_size=56, embed_dim=64, num_heads=2, ffn="swiglu", interpolate_antialias=True, interpolate_offset=0.0),
     "rope": lambda: dinov3_vit("vits16", depth=2, embed_dim=64, num_heads=2),
     "rope_swiglu_no_qkv_bias": lambda: dinov3_vit("vits16plus", depth=2, embed_dim=64, num_heads=2, qkv_bias=False, mask_k_bias=False),
 }
