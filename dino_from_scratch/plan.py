@@ -20,7 +20,7 @@ from .dinov3 import trainer_class
 __all__ = ['CHECKPOINTING', 'GiB', 'DTYPE_BYTES', 'block_params', 'vit_params', 'head_params', 'recipe_heads',
            'block_saved_per_token', 'MemoryPlan', 'plan_memory', 'plan_parser', 'main', 'cli', 'measure_train_step']
 
-# %% ../nbs/24_scaling.ipynb #eabc576c
+# %% ../nbs/24_scaling.ipynb #248e9ecf
 def block_params(cfg: ViTConfig) -> int:
     "Parameters of one transformer block of `cfg` (LayerNorms, attention, LayerScale, MLP or SwiGLU)."
     D, H = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -41,10 +41,11 @@ def vit_params(cfg: ViTConfig) -> int:
     return n + (2 * D if cfg.untie_local_cls_norm else 0)
 
 def head_params(in_dim: int, cfg: HeadConfig) -> tuple[int, int]:
-    "(total, trainable) parameters of `DINOHead(in_dim, cfg)`: MLP to the bottleneck, then K weight-normalised prototypes."
+    "(total, trainable) parameters of `DINOHead(in_dim, cfg)`: MLP to the bottleneck, then K prototypes (weight-normalised, or plain linear in DINOv3)."
     dims = [in_dim] + [cfg.hidden_dim] * (cfg.nlayers - 1) + [cfg.bottleneck_dim]
     mlp = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
-    last_v, last_g = cfg.out_dim * cfg.bottleneck_dim, cfg.out_dim
+    last_v = cfg.out_dim * cfg.bottleneck_dim
+    last_g = 0 if getattr(cfg, "last_layer", "weight_norm") == "linear" else cfg.out_dim   # a plain linear layer has no gains
     total = mlp + last_v + last_g
     return total, total - (last_g if cfg.norm_last_layer else 0)     # norm_last_layer: the gain g is frozen at 1
 

@@ -70,9 +70,9 @@ def test_7b_heads_are_counted_from_the_recipe():
         from dino_from_scratch.ibot import build_ibot_head
         built = build_ibot_head(D, r.head, r.ibot)
     assert head_params(D, heads["ibot"])[0] == n_params(built)
-    # by hand: 4096 -> 8192 -> 8192 -> 512 MLP with biases, 262144 x 512 prototypes and their gains
+    # by hand: 4096 -> 8192 -> 8192 -> 512 MLP with biases, 262144 x 512 prototypes (no gains: linear last layer)
     mlp = 4096 * 8192 + 8192 + 8192 * 8192 + 8192 + 8192 * 512 + 512
-    assert head_params(D, heads["dino"])[0] == mlp + 262144 * 512 + 262144
+    assert head_params(D, heads["dino"])[0] == mlp + 262144 * 512   # DINOv3: a plain linear last layer, no gains
 
 
 def test_shared_ibot_head_is_counted_once():
