@@ -74,7 +74,7 @@ class DINOHead(nn.Module):
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x)
 
-# %% ../nbs/02_dino_loss.ipynb #6f0ede4f
+# %% ../nbs/02_dino_loss.ipynb #0b37ef26
 @dataclass
 class DINOLossConfig:
     "Temperatures and centering; defaults are DINOv1's ViT-S/16 recipe (README / `main_dino.py`)."
@@ -88,6 +88,7 @@ class DINOLossConfig:
     centering: str = "softmax"             # "softmax": EMA center (DINOv1); "sinkhorn": Sinkhorn-Knopp (DINOv2, chapter 08);
                                            # "none": no centering (the collapse demo). true/false mean softmax/none.
     koleo_weight: float = 0.0              # KoLeo regulariser on the student's CLS (DINOv2 `dino.koleo_loss_weight`: 0.1; chapter 09)
+    koleo_group: int = 1                   # processes whose batches KoLeo searches for neighbours: 1 = its own (DINOv2), 0 = all (chapter 12)
     local_weight_schedule: dict | None = None  # DINOv3 (chapters 19, 22): weight of the local-crop DINO term over training,
                                            # {start, peak, end, warmup_epochs, cosine_epochs}; None = 1 (DINOv1/v2)
 
@@ -98,6 +99,7 @@ class DINOLossConfig:
         if self.warmup_teacher_temp_epochs < 0: raise ValueError("loss.warmup_teacher_temp_epochs must be >= 0")
         if isinstance(self.centering, bool): self.centering = "softmax" if self.centering else "none"
         if self.koleo_weight < 0: raise ValueError(f"loss.koleo_weight must be >= 0, got {self.koleo_weight}")
+        if self.koleo_group < 0: raise ValueError(f"loss.koleo_group must be >= 0 (0 = all processes), got {self.koleo_group}")
         if self.local_weight_schedule is not None:
             ScheduleV2.from_dict(self.local_weight_schedule, "loss.local_weight_schedule")
         if self.centering not in ("softmax", "sinkhorn", "none"):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['koleo_loss', 'koleo_per_crop']
+__all__ = ['koleo_loss', 'koleo_per_crop', 'koleo_loss_global']
 
 # %% ../nbs/09_koleo.ipynb #84fd04d0
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8, topk: int = 1) -> torch.Tensor:
@@ -33,3 +33,35 @@ def koleo_per_crop(cls_tokens: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     mean and multiplies by the number of crops: the same. Two crops of one image never meet."""
     if cls_tokens.ndim != 3: raise ValueError(f"cls_tokens must be [n_crops, B, D], got shape {tuple(cls_tokens.shape)}")
     return sum(koleo_loss(c, eps) for c in cls_tokens)
+
+# %% ../nbs/09_koleo.ipynb #0678378f
+import torch.distributed as dist
+
+class _GatherRows(torch.autograd.Function):
+    "all_gather along dim 0; backward: all-reduce (sum) the gradient and keep this process's rows (any backend, gloo included)."
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone(); dist.all_reduce(g, group=ctx.group)
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+def _nn_loss(q: torch.Tensor, keys: torch.Tensor, offset: int, eps: float) -> torch.Tensor:
+    "-mean log(d + eps) of normalised rows q [b, D] to their nearest row of keys [n, D] (q = keys[offset:offset+b])."
+    with torch.no_grad():
+        dots = q @ keys.t()
+        dots[torch.arange(q.shape[0]), offset + torch.arange(q.shape[0])] = -1     # never pick yourself
+        nn_idx = dots.argmax(1)
+    return -torch.log((q - keys[nn_idx] + eps).norm(dim=-1) + eps).mean()
+
+def koleo_loss_global(x: torch.Tensor, group=None, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo of this process's features x [b, D] with the neighbours searched in the features of every process of
+    `group` (default: all; equal b on every process). Outside torch.distributed it is `koleo_loss(x, eps)`."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1): return koleo_loss(x, eps)
+    q = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+    return _nn_loss(q, _GatherRows.apply(q, group), dist.get_rank(group) * q.shape[0], eps)

@@ -108,23 +108,26 @@ def mask_ratios(n_masked_crops: int, cfg: MaskConfig = MaskConfig(), rng: random
     if cfg.mode == "v3": return edges[1:]
     return [rng.uniform(edges[i], edges[i + 1]) for i in range(n_masked_crops)]
 
-# %% ../nbs/07_masking.ipynb #e3fbd221
+# %% ../nbs/07_masking.ipynb #c80cc018
 def sample_masks(n_crops: int, grid: int | tuple[int, int], cfg: MaskConfig = MaskConfig(),
-                 rng: random.Random | int | None = None) -> dict:
-    "iBOT masks for `n_crops` global crops on a `grid` of patches, by DINOv2's (cfg.mode='v2') or DINOv3's ('v3') collate rule."
+                 rng: random.Random | int | None = None, keep=None, crop_seeds=None) -> dict:
+    """iBOT masks for `n_crops` global crops on a `grid` of patches, by DINOv2's (cfg.mode='v2') or DINOv3's ('v3')
+    collate rule. `keep`: the crops to return (default all); `crop_seeds`: one seed per returned crop for its blocks."""
     rng = _as_rng(rng)
     H, W = (grid, grid) if isinstance(grid, int) else grid
     N = H * W
     n_masked_crops = _n_patches(cfg.mask_probability, n_crops)   # floor(n_crops * p): exactly, not a coin flip
-    ratios = mask_ratios(n_masked_crops, cfg, rng)
+    ratios = mask_ratios(n_masked_crops, cfg, rng) + [None] * (n_crops - n_masked_crops)
+    rng.shuffle(ratios)                                          # which crops are masked, and how much, is random
+    keep = range(n_crops) if keep is None else keep
+    if crop_seeds is not None and len(crop_seeds) != len(keep): raise ValueError("one crop seed per kept crop")
     masks = []
-    for ratio in ratios:
-        n = _n_patches(ratio, N)
-        m = block_mask(H, W, n, cfg.min_patches, cfg.max_patches, cfg.aspect_min, rng)
-        if cfg.mode == "v3": m = top_up_mask(m, n, rng)
+    for k, i in enumerate(keep):
+        if ratios[i] is None: masks.append(torch.zeros(N, dtype=torch.bool)); continue
+        r, n = rng if crop_seeds is None else random.Random(crop_seeds[k]), _n_patches(ratios[i], N)
+        m = block_mask(H, W, n, cfg.min_patches, cfg.max_patches, cfg.aspect_min, r)
+        if cfg.mode == "v3": m = top_up_mask(m, n, r)
         masks.append(m.flatten())
-    masks += [torch.zeros(N, dtype=torch.bool)] * (n_crops - n_masked_crops)
-    rng.shuffle(masks)                                        # which crops are masked is random
     masks = torch.stack(masks) if masks else torch.zeros(0, N, dtype=torch.bool)
     per_image = masks.sum(-1, keepdim=True).clamp(min=1)     # masked tokens of each image
     masks_weight = (1.0 / per_image).expand_as(masks)[masks]

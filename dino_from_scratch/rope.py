@@ -66,7 +66,7 @@ def rope_apply_loop(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
             out[n, j + D // 2] = a * math.sin(t) + b * math.cos(t)
     return out
 
-# %% ../nbs/17_rope.ipynb #a0b15506
+# %% ../nbs/17_rope.ipynb #0da32a26
 class Rope2D(nn.Module):
     """Axial 2-D RoPE as in DINOv3: periods `base ** (2k/(D/2))`, patch-centre coordinates in (-1, 1), and (training
     mode only) box augmentation: shift (uniform per axis), jitter (log-uniform per axis), rescale (log-uniform, shared)."""
@@ -82,14 +82,19 @@ class Rope2D(nn.Module):
         patch_coords(1, 1, normalize)                       # validates `normalize`
         # a buffer so that it follows .to(device) and checkpoints (the official module saves it too)
         self.register_buffer("periods", rope_periods(head_dim, base, min_period, max_period), persistent=True)
+        self.generator: torch.Generator | None = None       # set by a trainer (seeded per step); None: global RNG
+
+    def _uniform(self, n: int, lo: float, hi: float, device) -> torch.Tensor:
+        if self.generator is None: return torch.empty(n, device=device).uniform_(lo, hi)
+        return torch.empty(n).uniform_(lo, hi, generator=self.generator).to(device)   # CPU generator, any device
 
     def coords(self, H: int, W: int) -> torch.Tensor:
         "The (possibly augmented) [H*W, 2] coordinates of this call."
         c = patch_coords(H, W, self.normalize).to(self.periods.device)
         if self.training:
-            if self.shift: c = c + torch.empty(2, device=c.device).uniform_(-self.shift, self.shift)
-            if self.jitter: c = c * torch.empty(2, device=c.device).uniform_(-math.log(self.jitter), math.log(self.jitter)).exp()
-            if self.rescale: c = c * torch.empty(1, device=c.device).uniform_(-math.log(self.rescale), math.log(self.rescale)).exp()
+            if self.shift: c = c + self._uniform(2, -self.shift, self.shift, c.device)
+            if self.jitter: c = c * self._uniform(2, -math.log(self.jitter), math.log(self.jitter), c.device).exp()
+            if self.rescale: c = c * self._uniform(1, -math.log(self.rescale), math.log(self.rescale), c.device).exp()
         return c
 
     def forward(self, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,91 @@
+"""Two processes against one, at the trainer level, with every random term on.
+
+tests/scripts/ddp_equality_step.py trains a tiny DINOv3 recipe with iBOT masks, KoLeo over the global batch, Sinkhorn-Knopp,
+drop-path 0.2 and RoPE jitter + rescale: once in this venv's python (1 process, 8 images a step) and once under
+`accelerate launch` (2 processes over gloo, 4 images each: the same global batch). Every random draw of the step is a
+function of (seed, step, the image's position in the global batch), so the two runs must agree: the mean of the two
+ranks' losses equals the 1-process loss, and the final checkpoints (weights, loss state, AdamW moments) are equal.
+The AdamW first moment is proportional to the gradient, so a run that summed the gradients over processes instead of
+averaging them fails here even though Adam's update itself hardly changes (tolerance 1e-5 everywhere).
+"""
+import json, socket, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from dino_test_utils import REPO_ROOT, VENV_BIN, cli_env, make_small_folder  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_equality_step.py"
+STEPS, GLOBAL_BATCH, TOL = 3, 8, 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, folder: Path, world: int, env_extra: dict | None = None) -> list[dict]:
+    "Run the script on `world` processes (accelerate launch, gloo) or directly (world 1); the ranks' json dumps."
+    env = cli_env() | {"ACCELERATE_USE_CPU": "true"} | (env_extra or {})
+    args = [str(SCRIPT), str(out), str(folder), str(STEPS), str(GLOBAL_BATCH // world)]
+    if world == 1: cmd = [str(VENV_BIN / "python"), *args]
+    else: cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+    assert p.returncode == 0, f"run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def final_checkpoint(out: Path) -> dict:
+    from dino_from_scratch.checkpoint import read_checkpoint
+    tensors, meta = read_checkpoint(out / "run" / "checkpoints" / f"step_{STEPS:07d}.safetensors")
+    assert meta["step"] == STEPS
+    return tensors
+
+
+def compare(single: list[dict], pair: list[dict], one: dict, two: dict) -> dict:
+    "Largest differences between the runs: losses (mean over the 2 ranks vs 1 process) and every checkpoint tensor."
+    diffs = {}
+    for term in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        s, (a, b) = single[0][term], (pair[0][term], pair[1][term])
+        assert len(s) == len(a) == len(b) == STEPS
+        diffs[term] = max(abs((x + y) / 2 - z) for x, y, z in zip(a, b, s))
+    assert one.keys() == two.keys()
+    for prefix in ("student.", "teacher.", "optim.", "loss."):
+        keys = [k for k in one if k.startswith(prefix)]
+        diffs[prefix[:-1]] = max((one[k].double() - two[k].double()).abs().max().item() for k in keys) if keys else 0.0
+    return diffs
+
+
+@pytest.fixture(scope="module")
+def runs(shared_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp_eq")
+    folder = make_small_folder(shared_data, tmp / "data")      # 36 train images: 4 steps of 8 per epoch
+    single = launch(tmp / "single", folder, 1)
+    pair = launch(tmp / "pair", folder, 2)
+    return dict(single=single, pair=pair, one=final_checkpoint(tmp / "single"), two=final_checkpoint(tmp / "pair"))
+
+
+def test_every_term_ran(runs):
+    s, (r0, r1) = runs["single"][0], runs["pair"]
+    assert (s["world"], r0["world"], r1["world"], r0["backend"]) == (1, 2, 2, "gloo")
+    for term in ("dino_loss", "ibot_loss", "koleo_loss"):
+        assert all(abs(v) > 0 for v in s[term]), (term, s[term])
+    assert r0["ibot_loss"] != r1["ibot_loss"] and r0["dino_loss"] != r1["dino_loss"]    # the ranks saw different images
+    # KoLeo over the global batch: each rank averages over its own images, neighbours searched among all 8
+    assert r0["koleo_loss"] != r1["koleo_loss"]
+    for k in ("student.backbone.blocks.0.attn.qkv.weight", "student.ibot_head.last_layer.weight_v"):
+        assert k in runs["one"], sorted(runs["one"])[:20]
+
+
+def test_two_processes_reproduce_one_on_the_global_batch(runs):
+    diffs = compare(runs["single"], runs["pair"], runs["one"], runs["two"])
+    print("max |2 processes - 1 process|:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    assert any(k.startswith("optim.") for k in runs["one"])            # the AdamW moments are compared too
+    for k, v in diffs.items(): assert v <= TOL, (k, v, diffs)
+    # and the weights moved: equal because both runs learned the same thing, not because nothing happened
+    moved = (runs["one"]["student.backbone.blocks.0.attn.qkv.weight"] - runs["one"]["teacher.backbone.blocks.0.attn.qkv.weight"]).abs().max()
+    assert moved > 1e-4, moved
