@@ -77,8 +77,8 @@ def test_every_term_ran(runs):
     assert r0["ibot_loss"] != r1["ibot_loss"] and r0["dino_loss"] != r1["dino_loss"]    # the ranks saw different images
     # KoLeo over the global batch: each rank averages over its own images, neighbours searched among all 8
     assert r0["koleo_loss"] != r1["koleo_loss"]
-    for k in ("student.backbone.blocks.0.attn.qkv.weight", "student.ibot_head.last_layer.weight_v"):
-        assert k in runs["one"], sorted(runs["one"])[:20]
+    assert "student.backbone.blocks.0.attn.qkv.weight" in runs["one"]
+    assert any(k.startswith("student.ibot_head.") for k in runs["one"])              # a separate iBOT head was trained
 
 
 def test_two_processes_reproduce_one_on_the_global_batch(runs):
@@ -87,5 +87,6 @@ def test_two_processes_reproduce_one_on_the_global_batch(runs):
     assert any(k.startswith("optim.") for k in runs["one"])            # the AdamW moments are compared too
     for k, v in diffs.items(): assert v <= TOL, (k, v, diffs)
     # and the weights moved: equal because both runs learned the same thing, not because nothing happened
-    moved = (runs["one"]["student.backbone.blocks.0.attn.qkv.weight"] - runs["one"]["teacher.backbone.blocks.0.attn.qkv.weight"]).abs().max()
-    assert moved > 1e-4, moved
+    k = "backbone.blocks.0.attn.qkv.weight"
+    moved = (runs["one"]["student." + k] - runs["one"]["teacher." + k]).abs().max().item()   # the EMA teacher lags
+    assert moved > 100 * TOL, moved
