@@ -7,6 +7,8 @@ function of (seed, step, the image's position in the global batch), so the two r
 ranks' losses equals the 1-process loss, and the final checkpoints (weights, loss state, AdamW moments) are equal.
 The AdamW first moment is proportional to the gradient, so a run that summed the gradients over processes instead of
 averaging them fails here even though Adam's update itself hardly changes (tolerance 1e-5 everywhere).
+At the recipe's lr (a few 1e-5 per step): Adam turns float noise of near-zero gradients into weight
+differences proportional to the lr (at lr 0.01: up to 4e-5 on the student, losses and moments still <= 2e-6).
 """
 import json, socket, subprocess, sys
 from pathlib import Path
@@ -89,4 +91,4 @@ def test_two_processes_reproduce_one_on_the_global_batch(runs):
     # and the weights moved: equal because both runs learned the same thing, not because nothing happened
     k = "backbone.blocks.0.attn.qkv.weight"
     moved = (runs["one"]["student." + k] - runs["one"]["teacher." + k]).abs().max().item()   # the EMA teacher lags
-    assert moved > 100 * TOL, moved
+    assert moved > 5 * TOL, moved

@@ -25,7 +25,7 @@ recipe = config.override(config.tiny_v3(), [
     "model.num_heads=2", "model.drop_path_rate=0.2", "model.rope_jitter=1.5", "model.rope_rescale=2.0",
     "head.out_dim=64", "head.hidden_dim=64", "head.bottleneck_dim=32", "ibot.out_dim=64",
     "loss.koleo_weight=0.1", "loss.koleo_group=0", "loss.centering=sinkhorn", "ibot.centering=sinkhorn",
-    "optim.epochs=2", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0", "optim.lr=0.01",
+    "optim.epochs=2", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
     "run.log_every=1", "run.ckpt_every=100", "run.mixed_precision=no", *extra])
 if brk == "local_koleo": recipe = config.override(recipe, ["loss.koleo_group=1"])
 if brk == "sum":
