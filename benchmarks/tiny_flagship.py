@@ -66,7 +66,7 @@ def main():
                        "random_init": round(knn_eval(rand, r64, a.data, progress=False)["top1"], 2)}
     print("k-NN", res["knn"], "at 64 px", res["knn_64px"], flush=True)
     seg = {n: seg_eval(m) for n, m in (("trained", model), ("random_init", rand))}
-    res["camvid_miou"] = {n: round(100 * s["mIoU"] if s["mIoU"] <= 1 else s["mIoU"], 2) for n, s in seg.items()}
+    res["camvid_miou"] = {n: round(100 * s["miou"], 2) for n, s in seg.items()}
     print("CamVid mIoU", res["camvid_miou"], flush=True)
     dv = {n: davis_eval(m) for n, m in (("trained", model), ("random_init", rand))}
     base = copy_first_mask()

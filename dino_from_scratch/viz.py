@@ -807,16 +807,16 @@ def map_panels(model, src, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     pca = upsample((pca_rgb(f.reshape(h * w, -1), (h, w)) * 255).round().astype(np.uint8), rgb.shape[:2])
     return rgb, sim, pca
 
-# %% ../nbs/16_explore.ipynb #06a28ba6
-def run_report(out, data=None, images=None, n_images: int = 4, size: int | None = None, path=None,
+# %% ../nbs/16_explore.ipynb #9a83877a
+def run_report(out, data=None, images=None, n_images: int = 4, size: int = 224, path=None,
                max_train: int = 2000, final: dict | None = None) -> Path:
     """`report.png` of run `out`: the k-NN curve over training (`knn_curve`), then for `n_images` photos (default:
     spread over `default_viz_folder()`) the similarity and PCA maps of the trained teacher beside random init, at
-    `size` px (default the recipe's `data.eval_size`). `final`: {'trained': %, 'random': %} for the title."""
+    `size` px (224: a 14x14 grid for patch 16). `final`: {'trained': %, 'random': %} for the title."""
     import matplotlib.pyplot as plt
     out = Path(out)
     model, recipe = load_backbone(out)
-    rand, size = random_backbone(recipe), size or recipe.data.eval_size
+    rand = random_backbone(recipe)
     curve = knn_curve(out, data, max_train)
     srcs = list(image_sources(images).items())
     srcs = [srcs[i * len(srcs) // n_images] for i in range(min(n_images, len(srcs)))]
