@@ -66,8 +66,8 @@ def main(argv=None):
     cnx, _ = load_student(out / "cnx")
     teacher, _ = load_backbone(args.teacher)
     torch.manual_seed(0)
-    models = {"vit_student_random": random_backbone(recipe, 0), "vit_student_distilled": vit,
-              "convnext_distilled": cnx, "teacher": teacher}
+    models = {"convnext_distilled": cnx, "vit_student_distilled": vit, "teacher": teacher,
+              "vit_student_random": random_backbone(recipe, 0)}
     res["params"] = {k: sum(q.numel() for q in m.parameters()) for k, m in models.items()}
     for name, size, batch in (("64px", (64, 64), 64), ("192x256", (192, 256), 8)):
         s = cpu_seconds_per_image({"vit_student": vit, "convnext": cnx, "teacher": teacher}, size, batch)

@@ -355,7 +355,7 @@ def test_convnext_and_vit_students_from_one_teacher_forward(teacher_run, images,
     calls, inner = [], t.backbone.forward_features
     t.backbone.forward_features = lambda x, **kw: calls.append(tuple(x.shape)) or inner(x, **kw)
     seen = []
-    cnx_tr.student.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0].shape[-1], kw.get("masks"))), with_kwargs=True)
+    cnx_tr.student.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("masks")), with_kwargs=True)
     hists = mt.fit(max_steps=3, progress=False)
     assert calls == [(2 * 8, 3, 64, 64)] * 3                                        # one teacher forward per step, at 64 px
     assert all(torch.equal(v, t.state_dict()[k]) for k, v in t0.items())           # the teacher is frozen
@@ -366,7 +366,7 @@ def test_convnext_and_vit_students_from_one_teacher_forward(teacher_run, images,
         assert not torch.equal(tr.teacher.state_dict()[key], sd0[key])              # and its EMA followed
     assert all(m["n_masked"] > 0 and m["ibot_loss"] > 0 for h in hists for m in h)
     assert [m["n_masked"] for m in hists[0]] == [m["n_masked"] for m in hists[1]]   # the same iBOT positions for both
-    assert all(mk is None for _, mk in seen)                                        # the ConvNeXt student is not masked
+    assert seen == [None] * 3                                                       # the ConvNeXt student is not masked
     back, meta = load_student(tmp_path / "mix" / "cnx")                              # its run directory rebuilds it
     assert isinstance(back, ConvNeXt) and meta["distill"]["student_backbone"]["arch"] == "convnext"
     assert torch.equal(back.norm.weight, cnx_tr.teacher.backbone.norm.weight)
@@ -374,18 +374,21 @@ def test_convnext_and_vit_students_from_one_teacher_forward(teacher_run, images,
 
 
 def test_convnext_student_of_native_stride_gets_a_resized_teacher(teacher_run, images, tmp_path):
-    """DINOv3's alignment: a stride-32 ConvNeXt student under a ViT/16 teacher; the teacher sees the global crops at
-    half size (64 -> 32 px), so its 2x2 tokens cover the student's 2x2 cells and the iBOT positions are shared."""
-    tr = DistillTrainer(student_recipe(), out=tmp_path / "c", dataset=fresh(images), distill=cfg(teacher_run), verbose=False,
-                        backbone=tiny_convnext())
+    """DINOv3's alignment: a stride-32 ConvNeXt student under a ViT/16 teacher; the student sees 128 px global crops, the
+    teacher the same crops at half size (64 px, DINOv3's teacher_to_student_resolution_scale 2), so the teacher's 4x4
+    tokens cover the student's 4x4 cells and the iBOT positions are shared."""
+    tr = DistillTrainer(student_recipe("data.crops.global_size=128"), out=tmp_path / "c", dataset=fresh(images),
+                        distill=cfg(teacher_run), verbose=False, backbone=tiny_convnext())
     assert tr.teacher_resize == (16, 32) and tr.student.backbone.patch_size == 32
     calls, inner = [], tr.distill_teacher.backbone.forward_features
     tr.distill_teacher.backbone.forward_features = lambda x, **kw: calls.append(tuple(x.shape)) or inner(x, **kw)
     w0 = tr.student.backbone.stages[3][0].dwconv.weight.clone()
+    seen = []
+    tr.student.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(a[0][0].shape[-2:])), with_kwargs=True)
     hist = tr.fit(max_steps=2, progress=False)
-    assert calls == [(16, 3, 32, 32)] * 2
+    assert calls == [(16, 3, 64, 64)] * 2 and seen == [(128, 128)] * 2                  # teacher at 64 px, student at 128 px
     assert not torch.equal(w0, tr.student.backbone.stages[3][0].dwconv.weight)
-    assert all(0 < m["n_masked"] <= 16 * 2 * 2 and m["ibot_loss"] > 0 for m in hist)   # positions on the 2x2 grid
+    assert all(0 < m["n_masked"] <= 16 * 4 * 4 and m["ibot_loss"] > 0 for m in hist)   # positions on the shared 4x4 grid
 
 
 def test_students_on_different_grids_or_bad_backbones_are_refused(teacher_run, images, tmp_path):
