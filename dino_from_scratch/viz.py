@@ -792,7 +792,8 @@ def knn_curve(out, data=None, max_train: int = 2000, k: int = 20, max_points: in
     _, recipe = load_backbone(out)
     ev = lambda m, r: knn_eval(m, r, data, k, max_train=max_train, progress=False)["top1"]
     ckpts = sorted(list_checkpoints(out), key=_step_of)
-    ckpts = [ckpts[round(i * (len(ckpts) - 1) / max(1, max_points - 1))] for i in range(min(max_points, len(ckpts)))]
+    n = min(max_points, len(ckpts))
+    ckpts = [ckpts[round(i * (len(ckpts) - 1) / max(1, n - 1))] for i in range(n)]
     rows = [{"step": 0, "top1": ev(random_backbone(recipe), recipe)}]
     for p in dict.fromkeys(ckpts): rows.append({"step": _step_of(p), "top1": ev(*load_backbone(p))})
     return rows
