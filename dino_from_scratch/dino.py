@@ -74,7 +74,7 @@ class DINOHead(nn.Module):
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x)
 
-# %% ../nbs/02_dino_loss.ipynb #0b37ef26
+# %% ../nbs/02_dino_loss.ipynb #f91203b1
 @dataclass
 class DINOLossConfig:
     "Temperatures and centering; defaults are DINOv1's ViT-S/16 recipe (README / `main_dino.py`)."
@@ -105,6 +105,7 @@ class DINOLossConfig:
         if self.centering not in ("softmax", "sinkhorn", "none"):
             raise ValueError(f"loss.centering must be 'softmax', 'sinkhorn' or 'none', got {self.centering!r}")
 
+# %% ../nbs/02_dino_loss.ipynb #aaa9f7a7
 def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     "Average a tensor over all processes (a no-op outside torch.distributed)."
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -19,9 +19,9 @@ from .train import Trainer
 from .dinov2 import DINOv2Trainer
 
 # %% auto #0
-__all__ = ['GramAnchor', 'DINOv3Trainer', 'add_v3_weight_schedules', 'trainer_class']
+__all__ = ['GramAnchor', 'add_v3_weight_schedules', 'DINOv3Trainer', 'trainer_class']
 
-# %% ../nbs/22_dinov3.ipynb #f0a63aee
+# %% ../nbs/22_dinov3.ipynb #ec598daf
 class GramAnchor(nn.Module):
     """The Gram teacher (a frozen snapshot of the EMA teacher's backbone) and the Gram loss against it.
     Kept in the trainer's loss dict so that checkpoints carry the snapshot and `n_updates`."""
@@ -66,7 +66,22 @@ class GramAnchor(nn.Module):
         c = self.cfg
         return gram_loss(student_patches, t, c.normalized, c.img_level, c.remove_neg, c.remove_only_teacher_neg)
 
+# %% ../nbs/22_dinov3.ipynb #7c5aba43
+def add_v3_weight_schedules(recipe, sched):
+    "Add DINOv3's per-step `local_weight` and `gram_weight` to `sched`, in its epochs (`optim.epoch_length` iterations when set)."
+    spe, epochs = sched.steps_per_epoch, len(sched) / sched.steps_per_epoch
+    for name, spec, default in (("local_weight", recipe.loss.local_weight_schedule, 1.0),
+                                ("gram_weight", recipe.gram.weight_schedule, recipe.gram.loss_weight)):
+        sched.add(name, ScheduleV2.from_dict(spec).values(spe, epochs) if spec else np.full(len(sched), default))
 
+
+def _gram_teacher_optional(module, incompatible):
+    "Loading a checkpoint written without Gram anchoring: keep the (inactive, n_updates=0) Gram teacher as built."
+    missing = [k for k in incompatible.missing_keys if k.startswith("gram.")]
+    if missing and len(missing) == len([k for k in module.state_dict() if k.startswith("gram.")]):
+        for k in missing: incompatible.missing_keys.remove(k)
+
+# %% ../nbs/22_dinov3.ipynb #be57dd09
 class DINOv3Trainer(DINOv2Trainer):
     "DINOv2's trainer with DINOv3's DINO-loss weighting and one more loss term, Gram anchoring (everything else is inherited)."
     def __init__(self, *args, **kw):
@@ -115,22 +130,7 @@ class DINOv3Trainer(DINOv2Trainer):
         p = self.recipe.model.patch_size
         return F.interpolate(images, size=[round(n * s / p) * p for n in images.shape[-2:]], mode="bicubic", align_corners=False)
 
-
-def add_v3_weight_schedules(recipe, sched):
-    "Add DINOv3's per-step `local_weight` and `gram_weight` to `sched`, in its epochs (`optim.epoch_length` iterations when set)."
-    spe, epochs = sched.steps_per_epoch, len(sched) / sched.steps_per_epoch
-    for name, spec, default in (("local_weight", recipe.loss.local_weight_schedule, 1.0),
-                                ("gram_weight", recipe.gram.weight_schedule, recipe.gram.loss_weight)):
-        sched.add(name, ScheduleV2.from_dict(spec).values(spe, epochs) if spec else np.full(len(sched), default))
-
-
+# %% ../nbs/22_dinov3.ipynb #aae79093
 def trainer_class(recipe) -> type:
     "The trainer of a recipe's generation: DINOv3's with Gram anchoring, DINOv2's with iBOT or KoLeo, DINOv1's otherwise."
     return DINOv3Trainer if recipe.uses_v3_terms else DINOv2Trainer if recipe.uses_v2_terms else Trainer
-
-
-def _gram_teacher_optional(module, incompatible):
-    "Loading a checkpoint written without Gram anchoring: keep the (inactive, n_updates=0) Gram teacher as built."
-    missing = [k for k in incompatible.missing_keys if k.startswith("gram.")]
-    if missing and len(missing) == len([k for k in module.state_dict() if k.startswith("gram.")]):
-        for k in missing: incompatible.missing_keys.remove(k)

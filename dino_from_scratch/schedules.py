@@ -37,7 +37,7 @@ def linear_then_constant(start: float, end: float, total_steps: int, ramp_steps:
     ramp_steps = min(int(ramp_steps), total_steps)
     return np.concatenate([np.linspace(start, end, ramp_steps, endpoint=endpoint), np.full(total_steps - ramp_steps, end)])
 
-# %% ../nbs/03_schedules.ipynb #a6a9dbe8
+# %% ../nbs/03_schedules.ipynb #5d0d1aa4
 @dataclass
 class OptimConfig:
     "Optimisation and schedules; defaults are DINOv1's ViT-S/16 recipe (`main_dino.py` and the README's command)."
@@ -86,6 +86,7 @@ class OptimConfig:
         if self.epoch_length is not None and (int(self.epoch_length) != self.epoch_length or self.epoch_length < 1):
             raise ValueError(f"optim.epoch_length must be an integer >= 1 (iterations per epoch) or None, got {self.epoch_length}")
 
+# %% ../nbs/03_schedules.ipynb #29fde5f6
 def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     "The peak learning rate after the batch-size scaling rule."
     if cfg.lr_scaling == "linear": return cfg.lr * total_batch / 256           # DINOv1
@@ -93,6 +94,7 @@ def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     if cfg.lr_scaling == "sqrt4": return cfg.lr * 4 * math.sqrt(total_batch / 1024)  # DINOv3 `sqrt_wrt_1024`
     return cfg.lr
 
+# %% ../nbs/03_schedules.ipynb #cc5c0fb0
 class Schedules:
     """Per-step lr, weight decay, teacher momentum and teacher temperature for a run of `total_steps`.
     An epoch is `optim.epoch_length` iterations when set (the official recipes), else `steps_per_epoch` (one data pass)."""

@@ -199,7 +199,7 @@ def clip_gradients(model: nn.Module, clip: float, mode: str = "param") -> list[f
         if coef < 1: p.grad.mul_(coef)
     return norms
 
-# %% ../nbs/23_fsdp.ipynb #5e58e169
+# %% ../nbs/23_fsdp.ipynb #0fac0192
 def _train_state(modules: dict, model: nn.Module, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     return {**{k: m.state_dict() for k, m in modules.items()}, "optim": get_optimizer_state_dict(model, optimizer)}
@@ -241,6 +241,7 @@ def load_sharded_checkpoint(path, modules: dict, model: nn.Module, optimizer) ->
     set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
     return meta
 
+# %% ../nbs/23_fsdp.ipynb #87aafbb9
 def read_sharded_checkpoint(path) -> tuple[dict, dict]:
     """(tensors, meta) of a sharded checkpoint as full tensors, in one process without a process group, with the keys
     of a `train.save_checkpoint` file: 'student.*', 'teacher.*', 'loss.*', 'optim.<id>.<name>'."""
