@@ -119,7 +119,7 @@ class MemoryPlan:
 GiB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
-# %% ../nbs/24_scaling.ipynb #767f49cb
+# %% ../nbs/24_scaling.ipynb #2e27ba06
 def _crop_sizes(recipe: Recipe) -> tuple[int, int, int]:
     """(global, local, Gram-teacher) crop sizes in pixels. With mixed resolutions (`data.crops.resolutions`, DINOv3's
     high-resolution stage) the group with the most tokens: memory has to fit the largest batch."""
@@ -136,6 +136,7 @@ def _tokens(recipe: Recipe) -> tuple[int, int, int]:
     n_g = (gs // p) ** 2
     return n_g, n_g + 1 + R, (ls // p) ** 2 + 1 + R
 
+# %% ../nbs/24_scaling.ipynb #4d8bd94d
 def _nograd_block_peak(cfg: ViTConfig) -> float:
     "Numbers per token alive inside one block during a forward pass without gradient: input, norm output, the larger branch."
     D, H = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -151,6 +152,7 @@ def _head_rows(hc: HeadConfig, D: int, rows_s: float, rows_t: float, ab: int) ->
     wn = (1 if hc.norm_last_layer else 2) * hc.out_dim * hc.bottleneck_dim * ab   # g * v / |v| (and v / |v|)
     return student + teacher + wn
 
+# %% ../nbs/24_scaling.ipynb #77662209
 def plan_memory(recipe: Recipe | str, gpus: int = 1, batch_per_gpu: int | None = None, checkpointing: str = "none",
                 precision: str = "bf16", strategy: str = "fsdp", gpu_memory_gib: float = 80.0) -> MemoryPlan:
     """Per-GPU memory of one training step of `recipe` with `gpus` GPUs and `batch_per_gpu` images each (default:
