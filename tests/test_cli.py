@@ -79,6 +79,14 @@ def test_train_end_to_end(trained_run, small_folder):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
     assert Path(ev["figure"]) == png
+    # the report: the k-NN curve over the kept checkpoints starts at random init and ends at the trained teacher;
+    # with 36 training images the curve's 2,000-image memory bank is the whole train split, so both ends equal eval.json
+    curve = json.loads((out / "knn_curve.json").read_text())
+    assert [c["step"] for c in curve] == [0, 2, 4]
+    assert curve[0]["top1"] == pytest.approx(ev["knn_random_init"]["top1"], abs=1e-6)
+    assert curve[-1]["top1"] == pytest.approx(ev["knn"]["top1"], abs=1e-6)
+    with Image.open(out / "report.png") as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 400
 
 
 def _main_json(capsys, argv) -> dict:
@@ -174,3 +182,18 @@ def test_eval_linear(trained_run, small_folder, capsys):
     from dino_from_scratch.eval import load_backbone, linear_eval
     model, recipe = load_backbone(out)
     assert linear_eval(model, recipe, small_folder, epochs=30, progress=False)["top1"] == pytest.approx(res["top1"], abs=1e-6)
+
+
+def test_dino_train_starts_its_own_processes(small_folder, tmp_path):
+    "`run.processes=2` on a CPU: `dino-train` relaunches itself under `accelerate launch`; two ranks, one run."
+    out = tmp_path / "ddp"
+    p = run_cli("dino-train", "--recipe", "tiny_v1", "--data", small_folder, "--out", out, "--max-steps", 2, "--no-eval",
+                "--set", *SMALL_OVERRIDES, "run.processes=2", "data.batch_size=4", timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "starting 2 processes" in p.stdout
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]          # one writer: each step logged once
+    from dino_from_scratch.checkpoint import list_checkpoints, read_checkpoint
+    _, meta = read_checkpoint(list_checkpoints(out)[0])
+    assert meta["world_size"] == 2 and meta["step"] == 2
+    # the global batch is 2 ranks x 4 = 8: 36 images make 4 full steps per epoch, so step 2 is epoch 0.5
+    assert read_metrics(out)[-1]["epoch"] == pytest.approx(0.5)

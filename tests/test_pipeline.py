@@ -3,7 +3,7 @@
 Tolerances are in grey levels (0..255) on real 128 px Imagenette images; the PIL path rounds to 8 bits after every
 operation, the batched path stays in float32, so the per-operation gaps below are rounding unless said otherwise.
 """
-import math, sys, warnings
+import math, os, sys, warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -474,3 +474,30 @@ def test_cpu_plan():
     assert {k: cpu_plan("pil", 8)[k] for k in ("threads", "num_workers")} == {"threads": 4, "num_workers": 4}
     assert isinstance(cpu_plan()["bf16"], bool)
     with pytest.raises(ValueError, match="'pil' or 'batched'"): cpu_plan("gpu")
+    # bf16 autocast only where it measured faster: a native-bf16 CPU and a model at least BF16_MIN_WIDTH wide
+    from dino_from_scratch.data import _native_bf16, BF16_MIN_WIDTH
+    assert cpu_plan(embed_dim=BF16_MIN_WIDTH - 1)["bf16"] is False and cpu_plan()["bf16"] is False
+    assert cpu_plan(embed_dim=BF16_MIN_WIDTH)["bf16"] is _native_bf16()
+
+
+def test_trainer_threads(shared_data, tmp_path):
+    "A CPU run takes the cores its loader workers leave (never more than already set); run.threads wins."
+    import torch
+    from dino_from_scratch.config import override, tiny_v1
+    from dino_from_scratch.train import Trainer
+    from dino_from_scratch.data import resolve_data
+    ds = resolve_data(str(shared_data / "imagenette2-128"), "train", verbose=False)[0].subset(16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(override(tiny_v1(), ["data.num_workers=1", "data.batch_size=8"]), tmp_path / "a", dataset=ds, verbose=False)
+        assert torch.get_num_threads() == (1 if (os.cpu_count() or 1) <= 2 else 2)      # 2 cores - 1 worker
+        torch.set_num_threads(1)
+        Trainer(override(tiny_v1(), ["data.num_workers=0", "data.batch_size=8"]), tmp_path / "b", dataset=ds, verbose=False)
+        assert torch.get_num_threads() == 1                                          # never raised above what was set
+        Trainer(override(tiny_v1(), ["data.num_workers=0", "data.batch_size=8", "run.threads=2"]), tmp_path / "c", dataset=ds, verbose=False)
+        assert torch.get_num_threads() == 2                                          # an explicit run.threads wins
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="run.threads must be >= 0"): override(tiny_v1(), ["run.threads=-1"])
+    with pytest.raises(ValueError, match="run.processes must be >= 1"): override(tiny_v1(), ["run.processes=0"])

@@ -395,10 +395,10 @@ def test_default_run_is_what_dino_train_writes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert default_run("no_such_recipe_here") is None
     assert default_models("no_such_recipe_here") == {"random init no_such_recipe_here": "random:no_such_recipe_here"}
-    (tmp_path / "runs/tiny_v1/checkpoints").mkdir(parents=True)
-    assert default_run() != Path("runs/tiny_v1")                            # an empty run directory does not count
-    (tmp_path / "runs/tiny_v1/checkpoints/step_0000001.safetensors").write_bytes(b"")
-    assert default_run().resolve() == (tmp_path / "runs/tiny_v1").resolve()
-    assert list(default_models().items()) == [("trained (runs/tiny_v1)", default_run()), ("random init tiny_v1", "random:tiny_v1")]
+    (tmp_path / "runs/tiny/checkpoints").mkdir(parents=True)
+    assert default_run() != Path("runs/tiny")                            # an empty run directory does not count
+    (tmp_path / "runs/tiny/checkpoints/step_0000001.safetensors").write_bytes(b"")
+    assert default_run().resolve() == (tmp_path / "runs/tiny").resolve()
+    assert list(default_models().items()) == [("trained (runs/tiny)", default_run()), ("random init tiny", "random:tiny")]
     monkeypatch.setenv("DINO_TRAINED_RUN", str(tmp_path / "elsewhere"))
     with pytest.raises(FileNotFoundError, match="DINO_TRAINED_RUN=.*no checkpoints"): default_run()
