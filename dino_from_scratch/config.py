@@ -23,11 +23,11 @@ from .vit_v3 import dinov3_vit_config
 
 # %% auto #0
 __all__ = ['DEVIATIONS', 'PRESETS', 'DataConfig', 'RunConfig', 'DistillConfig', 'Recipe', 'recipe_from_dict', 'derive',
-           'Deviation', 'with_deviations', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1', 'tiny_v2', 'tiny_v3', 'tiny',
-           'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'dinov3_vitl16_im1k', 'dinov3_vit7b16',
-           'dinov3_vit7b16_gram', 'dinov3_vit7b16_highres', 'dinov3_vitl16_7b_recipe', 'dinov3_vitl16_7b_recipe_gram',
-           'dinov3_vitl16_7b_recipe_highres', 'distill_vits16_from_vitl16', 'distill_tiny', 'get_recipe',
-           'fidelity_table', 'override', 'save_recipe', 'load_recipe', 'recipe_diff']
+           'recipe_diff', 'Deviation', 'with_deviations', 'dinov1_vits16', 'dinov1_vitb16', 'tiny_v1', 'tiny_v2',
+           'tiny_v3', 'tiny', 'dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14', 'dinov3_vitl16_im1k',
+           'dinov3_vit7b16', 'dinov3_vit7b16_gram', 'dinov3_vit7b16_highres', 'dinov3_vitl16_7b_recipe',
+           'dinov3_vitl16_7b_recipe_gram', 'dinov3_vitl16_7b_recipe_highres', 'distill_vits16_from_vitl16',
+           'distill_tiny', 'get_recipe', 'fidelity_table', 'override', 'save_recipe', 'load_recipe']
 
 # %% ../nbs/04_config.ipynb #de4e76f0
 @dataclass
@@ -202,7 +202,7 @@ def recipe_from_dict(d: dict) -> Recipe:
     if unknown: raise KeyError(f"unknown recipe section(s) {sorted(unknown)}; valid sections: {', '.join(sorted(valid))}")
     return Recipe(**{k: (_from_dict(_section(k), v, k) if k in _SUB else v) for k, v in d.items()})
 
-# %% ../nbs/04_config.ipynb #b570d2d4
+# %% ../nbs/04_config.ipynb #51196dd9
 def derive(base: Recipe, changes: dict) -> Recipe:
     """`base` with `changes` applied and re-validated. Keys are dotted paths ('optim.lr', 'data.crops.n_local'); a
     whole section ('model') or a dict-valued field ('gram.weight_schedule') is replaced by the value (a dataclass or dict)."""
@@ -216,6 +216,17 @@ def derive(base: Recipe, changes: dict) -> Recipe:
         if last not in node: raise KeyError(f"derive: unknown field {key!r}; valid: {', '.join(sorted(node))}")
         node[last] = asdict(value) if is_dataclass(value) else value
     return recipe_from_dict(d)
+
+def recipe_diff(a: Recipe, b: Recipe) -> dict:
+    "The fields where two recipes differ: {'section.field': (a_value, b_value)}."
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict): out.update(flat(v, f"{pre}{k}."))
+            else: out[f"{pre}{k}"] = v
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 @dataclass(frozen=True)
 class Deviation:
@@ -255,22 +266,18 @@ def dinov1_vitb16() -> Recipe:
         "name": "dinov1_vitb16", "model.embed_dim": 768, "model.num_heads": 12, "optim.epochs": 100,
         "head.norm_last_layer": True, "loss.teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 0}))
 
-# %% ../nbs/04_config.ipynb #f136d38b
+# %% ../nbs/04_config.ipynb #54c0a38d
 def tiny_v1() -> Recipe:
     "DINOv1 shrunk to learn in ~20 minutes on a 2-core CPU on 128 px Imagenette (see the training chapter and LOG.md)."
-    return Recipe(
-        name="tiny_v1",
-        data=DataConfig(batch_size=32, num_workers=2, eval_size=64,
-                        crops=MultiCropConfig(global_size=64, local_size=32, n_local=4,
-                                              global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
-                                              jitter_p=0.5, gray_p=0.1)),   # milder colour: LOG.md runs p3, p6
-        model=ViTConfig(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=2, drop_path_rate=0.0),
-        head=HeadConfig(out_dim=256, hidden_dim=1024, bottleneck_dim=256),
-        loss=DINOLossConfig(teacher_temp=0.03, warmup_teacher_temp=0.03, warmup_teacher_temp_epochs=0),
-        optim=OptimConfig(epochs=11, lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, momentum_teacher=0.98,
-                          freeze_last_layer_epochs=0.25, weight_decay=0.04, weight_decay_end=0.1),
-        run=RunConfig(log_every=10, ckpt_every=500),
-    )
+    return derive(Recipe(), {
+        "name": "tiny_v1", "data.batch_size": 32, "data.num_workers": 2, "data.eval_size": 64,
+        "data.crops": MultiCropConfig(global_size=64, local_size=32, n_local=4, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+                                      jitter_p=0.5, gray_p=0.1),   # milder colour: LOG.md runs p3, p6
+        "model": ViTConfig(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=2, drop_path_rate=0.0),
+        "head.out_dim": 256, "head.hidden_dim": 1024, "head.bottleneck_dim": 256,
+        "loss.teacher_temp": 0.03, "loss.warmup_teacher_temp": 0.03, "loss.warmup_teacher_temp_epochs": 0,
+        "optim.epochs": 11, "optim.lr": 1e-3, "optim.min_lr": 1e-5, "optim.warmup_epochs": 0.5, "optim.momentum_teacher": 0.98,
+        "optim.freeze_last_layer_epochs": 0.25, "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.1})
 
 def tiny_v2() -> Recipe:
     """`tiny_v1` plus DINOv2's training objective at CPU scale: iBOT (separate head, 256 prototypes) on block masks,
@@ -279,34 +286,27 @@ def tiny_v2() -> Recipe:
     Left out on purpose (they are in the official presets): LayerScale, layer-wise lr decay 0.9 and the patch-embedding
     lr x0.2. On a 4-block ViT trained for 20 minutes they cost 6 k-NN points (ablation v2d in chapter 12 / LOG.md);
     switch them back on with `--set model.layerscale=1e-5 optim.layerwise_decay=0.9 optim.patch_embed_lr_mult=0.2`."""
-    r = tiny_v1()
-    r.name = "tiny_v2"
-    r.model = ViTConfig(**{**asdict(r.model), "mask_token": True, "drop_path_mode": "uniform"})
-    r.head = HeadConfig(out_dim=256, hidden_dim=1024, bottleneck_dim=256, norm_last_layer=False)
-    r.loss = DINOLossConfig(teacher_temp=0.03, warmup_teacher_temp=0.03, warmup_teacher_temp_epochs=0,
-                            koleo_weight=0.1, centering="sinkhorn")
-    r.ibot = IBOTConfig(loss_weight=1.0, out_dim=256, separate_head=True, centering="sinkhorn")
-    o = asdict(r.optim)
-    o.update(lr=round(r.optim.lr * 32 / 256 / (32 / 1024) ** 0.5, 8), lr_scaling="sqrt",
-             clip_mode="module")   # same peak lr at batch 32: tiny_v1's lr * 32/256 = lr * sqrt(32/1024)
-    r.optim = OptimConfig(**o)
-    return recipe_from_dict(r.to_dict())
+    v1 = tiny_v1()
+    return derive(v1, {
+        "name": "tiny_v2", "model.mask_token": True, "model.drop_path_mode": "uniform", "head.norm_last_layer": False,
+        "loss.koleo_weight": 0.1, "loss.centering": "sinkhorn",
+        "ibot": IBOTConfig(loss_weight=1.0, out_dim=256, separate_head=True, centering="sinkhorn"),
+        "optim.lr": round(v1.optim.lr * 32 / 256 / (32 / 1024) ** 0.5, 8),   # same peak lr at batch 32:
+        "optim.lr_scaling": "sqrt", "optim.clip_mode": "module"})          # tiny_v1's lr * 32/256 = lr * sqrt(32/1024)
 
 def tiny_v3() -> Recipe:
     """`tiny_v2` with DINOv3's changes at CPU scale (a first version, not tuned): 2-D RoPE (base 100, rescale 2)
     instead of the position table, 4 storage tokens, masked key bias, LayerNorm eps 1e-5, constant schedules
     (warm-up, then lr / weight decay / EMA momentum 0.99 held) with the `4 sqrt(B/1024)` rule at tiny_v2's peak lr,
     and Gram anchoring from epoch 3 (Gram teacher refreshed every 2 epochs, at 2x the crop size)."""
-    r = tiny_v2()
-    r.name = "tiny_v3"
-    r.model = ViTConfig(**{**asdict(r.model), "pos_embed": "rope", "rope_rescale": 2.0, "num_registers": 4,
-                           "mask_k_bias": True, "norm_eps": 1e-5})
-    o = asdict(r.optim)
-    o.update(schedule="constant", lr_scaling="sqrt4", lr=round(r.optim.lr / 4, 8), momentum_teacher=0.99)
-    r.optim = OptimConfig(**o)   # same peak lr at batch 32: lr * 4 * sqrt(32/1024) = tiny_v2's lr * sqrt(32/1024)
-    r.gram = GramConfig(loss_weight=1.0, it_first_update=3 * 233, update_frequency=2 * 233, max_updates=None,
-                        highres_scale=2.0)   # 233 steps per epoch on imagenette2-128/train at batch 32
-    return recipe_from_dict(r.to_dict())
+    v2 = tiny_v2()
+    return derive(v2, {
+        "name": "tiny_v3", "model.pos_embed": "rope", "model.rope_rescale": 2.0, "model.num_registers": 4,
+        "model.mask_k_bias": True, "model.norm_eps": 1e-5,
+        "optim.schedule": "constant", "optim.lr_scaling": "sqrt4", "optim.momentum_teacher": 0.99,
+        "optim.lr": round(v2.optim.lr / 4, 8),   # same peak lr at batch 32: lr * 4 * sqrt(32/1024) = tiny_v2's lr * sqrt(32/1024)
+        "gram": GramConfig(loss_weight=1.0, it_first_update=3 * 233, update_frequency=2 * 233, max_updates=None,
+                           highres_scale=2.0)})   # 233 steps per epoch on imagenette2-128/train at batch 32
 
 def tiny() -> Recipe:
     """The flagship, what `dino-train` trains by default: `tiny_v2`'s objective (DINOv2's, the best measured at this
@@ -368,7 +368,7 @@ def dinov2_vitg14() -> Recipe:
         "name": "dinov2_vitg14", "data.batch_size": 12,
         "model": dinov2_vit_config("vitg14", img_size=224, drop_path_rate=0.4, interpolate_offset=0.1)}))
 
-# %% ../nbs/04_config.ipynb #26d1da34
+# %% ../nbs/04_config.ipynb #ee8aa0c8
 _V3 = "facebookresearch/dinov3 dinov3/configs/train/"
 _KOLEO16 = Deviation("KoLeo over a group of 16 ranks", "per process", "koleo_loss_distributed, group size 16",
                      _V3 + "dinov3_vit7b16_high_res_adapt.yaml:19-22", "distributed KoLeo is not implemented; per-process KoLeo")
@@ -400,6 +400,7 @@ def dinov3_vitl16_im1k() -> Recipe:
         "ibot.separate_head": True, "loss.centering": "sinkhorn", "ibot.centering": "sinkhorn",
         "optim.lr": 1e-3, "optim.lr_scaling": "sqrt4"})
 
+# %% ../nbs/04_config.ipynb #b82140e1
 def dinov3_vit7b16() -> Recipe:
     """DINOv3 ViT-7B/16 pretraining (`dinov3_vit7b16_pretrain.yaml`: 1,000 epochs of 1,000 iterations, 256 GPUs x 16
     images, `schedules` v2: warm-up then constant lr / weight decay / momentum)."""
@@ -527,7 +528,7 @@ def fidelity_table() -> str:
         for d in devs: rows.append(f"| `{name}` | `{d.field}` | {d.ours} | {d.official} | {d.source} | {d.reason} |")
     return "\n".join(rows)
 
-# %% ../nbs/04_config.ipynb #cda45cc0
+# %% ../nbs/04_config.ipynb #d694dcf7
 def override(recipe: Recipe, assignments: list[str] = ()) -> Recipe:
     "Apply 'section.field=value' assignments (values parsed as YAML); the result is re-validated."
     d = recipe.to_dict()
@@ -577,6 +578,7 @@ def _coerce(old, new, key):
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool): return float(new)
     return new
 
+# %% ../nbs/04_config.ipynb #49ad89b9
 def save_recipe(recipe: Recipe, path):
     "Write a recipe as YAML (tuples become lists)."
     Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False))
@@ -584,14 +586,3 @@ def save_recipe(recipe: Recipe, path):
 def load_recipe(path) -> Recipe:
     "Read a recipe written by `save_recipe`."
     return recipe_from_dict(yaml.safe_load(Path(path).read_text()))
-
-def recipe_diff(a: Recipe, b: Recipe) -> dict:
-    "The fields where two recipes differ: {'section.field': (a_value, b_value)}."
-    def flat(d, pre=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict): out.update(flat(v, f"{pre}{k}."))
-            else: out[f"{pre}{k}"] = v
-        return out
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
