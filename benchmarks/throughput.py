@@ -6,7 +6,7 @@ the first `--skip` steps (start-up excluded). Arms run in interleaved rounds (or
 change in the machine's load hits every arm alike; the ratios compare medians over rounds.
 
     .venv/bin/python benchmarks/throughput.py                         # tiny_v1 and tiny_v2: before vs after issue 12
-    .venv/bin/python benchmarks/throughput.py --recipes tiny --arms tiny_default,one_process --rounds 1
+    .venv/bin/python benchmarks/throughput.py --recipes tiny --arms batched_1p,head512 --arm head512=batched_1p:head.hidden_dim=512
 
 Arms (fields set on top of the recipe):
   before        the tiny recipes' settings before issue 12: PIL multi-crop in 2 loader workers, 2 torch threads, fp32
@@ -47,8 +47,14 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--skip", type=int, default=15, help="steps excluded from the rate (start-up)")
     p.add_argument("--data", default=os.environ.get("DINO_DATA", str(ROOT.parent / "shared/data/imagenette2-128")))
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=BASE:FIELD=VALUE,...",
+                   help="an extra arm: a base arm plus recipe fields, e.g. head512=batched_1p:head.hidden_dim=512")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    for spec in a.arm:
+        name, rest = spec.split("=", 1)
+        base, _, fields = rest.partition(":")
+        ARMS[name] = ARMS[base] + [f for f in fields.split(",") if f]
     arms, res = a.arms.split(","), {}
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in a.recipes.split(","):

@@ -66,7 +66,7 @@ def _branch(args):
         t0 = time.time()
         while not list(Path(args.out, "checkpoints").glob("step_*.safetensors")) and time.time() - t0 < 600: time.sleep(1)
 
-# %% ../nbs/30_cli.ipynb #42cd6c9e
+# %% ../nbs/30_cli.ipynb #e91b0cdb
 def main(argv=None):
     args = train_parser().parse_args(argv)
     try:
@@ -89,6 +89,7 @@ def main(argv=None):
     finally:
         if lock: lock.release()
 
+# %% ../nbs/30_cli.ipynb #32a6565f
 def _should_launch(recipe) -> bool:
     "A CPU run asking for several processes, started without a launcher (no RANK in the environment)."
     return recipe.run.processes > 1 and "RANK" not in os.environ and not torch.cuda.is_available()
@@ -104,6 +105,7 @@ def _launch(n: int, argv: list) -> int:
     print(f"[train] run.processes={n}: starting {n} processes with {env['OMP_NUM_THREADS']} thread(s) each (accelerate launch, gloo)")
     return subprocess.call(cmd, env=env)
 
+# %% ../nbs/30_cli.ipynb #00e2cd0b
 def _train(args, recipe):
     if args.branch_from: _branch(args); args.resume = True
     try: tr = make_trainer(recipe, out=args.out, resume=args.resume)
@@ -130,7 +132,7 @@ def _report(out, recipe, res):
         print(f"[eval] report: {path} (k-NN over training, similarity and PCA maps: trained vs random init)")
     except (ValueError, FileNotFoundError, OSError) as e: print(f"[eval] report skipped: {e}")
 
-# %% ../nbs/30_cli.ipynb #432a9caf
+# %% ../nbs/30_cli.ipynb #5c519b17
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dino-eval", description="Evaluate frozen features: weighted k-NN, a linear probe, linear segmentation, or DAVIS label propagation.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -180,6 +182,7 @@ def eval_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (smoke tests)")
     return p
 
+# %% ../nbs/30_cli.ipynb #9fc77dd0
 def eval_main(argv=None):
     args = eval_parser().parse_args(argv)
     try:

@@ -73,13 +73,14 @@ def load_rgb(src) -> Image.Image:
     if min(img.size) < 1: raise BadImage(f"{src}: empty image {img.size}")
     return img
 
-# %% ../nbs/00_data.ipynb #2deb5e18
+# %% ../nbs/00_data.ipynb #2a769e58
 def _item_seed(seed: int, epoch: int, index: int) -> int:
     "A 63-bit seed for one (seed, epoch, index) triple (splitmix64-style mixing, no Python hash randomisation)."
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
     x ^= x >> 31; x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1); x ^= x >> 29
     return x & (2**63 - 1)
 
+# %% ../nbs/00_data.ipynb #576b46d5
 class ImageDataset(Dataset):
     "Images from a list of sources (paths or encoded bytes) with optional labels; robust to bad files."
     def __init__(self, sources: Sequence, labels: Sequence[int] | None = None, transform=None,
@@ -134,7 +135,7 @@ class ImageDataset(Dataset):
         return type(self)([self.sources[i] for i in idx], [self.labels[i] for i in idx], self.transform,
                           self.classes, self.seed, self.name + f"[:{len(idx)}]")
 
-# %% ../nbs/00_data.ipynb #a3099e61
+# %% ../nbs/00_data.ipynb #c6dedf29
 IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"  # fast.ai's Imagenette v2, 160 px
 
 def project_data_dir() -> Path:
@@ -157,6 +158,7 @@ def download_imagenette(dest=None, url=IMAGENETTE_URL, timeout=15) -> Path:
     with tarfile.open(tgz) as t: t.extractall(dest, filter="data")
     return out
 
+# %% ../nbs/00_data.ipynb #0ad97f3d
 def sample_photos() -> tuple[list, list[str]]:
     "Real photos that ship inside scikit-image and matplotlib (no network): a last-resort offline dataset."
     srcs, names = [], []
@@ -178,6 +180,7 @@ def sample_photos() -> tuple[list, list[str]]:
     if not srcs: raise FileNotFoundError("no image data: pass --data DIR (or set DINO_DATA)")
     return srcs, names
 
+# %% ../nbs/00_data.ipynb #d331829a
 def resolve_data(data=None, split="train", allow_download=True, verbose=True) -> tuple[ImageDataset, str]:
     "Find a dataset (`data`: a folder, a CSV list or hf:NAME): `data` > $DINO_DATA > `data/` > download > photos shipped in packages. Returns (dataset, where)."
     say = print if verbose else (lambda *a, **k: None)
@@ -285,7 +288,7 @@ class MultiCropConfig:
         if self.backend not in ("pil", "batched"): raise ValueError(f"crops.backend must be 'pil' or 'batched', got {self.backend!r}")
         if self.cache_mb < 0 or self.cache_size < 0: raise ValueError(f"crops.cache_mb and crops.cache_size must be >= 0, got {self.cache_mb}, {self.cache_size}")
 
-# %% ../nbs/00_data.ipynb #b32e2873
+# %% ../nbs/00_data.ipynb #cd7c88e2
 class RandomGaussianBlur(torch.nn.Module):
     """With probability `p`, a PIL Gaussian blur of radius ~ U(radius_min, radius_max) (DINOv1's `GaussianBlur`), or with
     `kernel_size` > 0 torchvision's blur with that kernel and sigma ~ U(radius_min, radius_max) (DINOv2/v3: kernel 9)."""
@@ -297,6 +300,7 @@ class RandomGaussianBlur(torch.nn.Module):
         if self.k: return T.functional.gaussian_blur(img, [self.k, self.k], [r, r])
         return img.filter(ImageFilter.GaussianBlur(radius=r))
 
+# %% ../nbs/00_data.ipynb #e469d7e7
 class MultiCrop:
     """Turn one PIL image into `n_global + n_local` augmented tensors (global views first), plus, when
     `gram_size` is set (DINOv3), one Gram-teacher copy of each global crop at the end: the same crop box at
@@ -340,6 +344,7 @@ class MultiCrop:
             views.append(v)
         return views + [p["local"](img) for _ in range(c.n_local)] + grams
 
+# %% ../nbs/00_data.ipynb #6b9fecb0
 def collate_crops(batch):
     "Stack a list of (views, label) into (list of [B,3,H,W] per view, labels [B], number of skipped items)."
     good = [b for b in batch if b is not None]

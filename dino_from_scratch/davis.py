@@ -172,7 +172,7 @@ def propagate_masks(model, frames: torch.Tensor, first_mask: torch.Tensor, size=
     masks = torch.stack(masks)
     return (masks, torch.stack(soft)) if return_soft else masks
 
-# %% ../nbs/15_davis.ipynb #96abaf92
+# %% ../nbs/15_davis.ipynb #8dbec1fd
 def db_iou(gt, pred, void=None) -> float:
     "J: IoU of two binary masks [H, W] (void pixels excluded); 1.0 when the union is empty (DAVIS toolkit `db_eval_iou`)."
     gt, pred = torch.as_tensor(gt).bool(), torch.as_tensor(pred).bool()
@@ -196,6 +196,7 @@ def boundary_radius(shape, bound_th: float = 0.008) -> int:
     "Matching tolerance in pixels: `bound_th` itself if >= 1, else ceil(bound_th * image diagonal)."
     return int(bound_th) if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape))
 
+# %% ../nbs/15_davis.ipynb #64b300f3
 def dilate_disk(b: torch.Tensor, radius: int) -> torch.Tensor:
     "bool [H, W]: binary dilation of `b` by the disk {x^2 + y^2 <= radius^2}, as horizontal runs (max-pool) stacked over rows."
     H, W = b.shape
@@ -295,7 +296,7 @@ def plot_propagation(seq: VideoSequence, preds: dict, idx=None, n: int = 5, path
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
-# %% ../nbs/15_davis.ipynb #479964e3
+# %% ../nbs/15_davis.ipynb #5eae7159
 def patch_fg_labels(masks: torch.Tensor, grid) -> torch.Tensor:
     "float [N, h, w]: the foreground share of each patch (area average of `masks` > 0 [N, H, W] over the patch grid)."
     return F.interpolate((masks > 0).float()[:, None], size=tuple(grid), mode="area")[:, 0]
@@ -336,6 +337,7 @@ def fit_fg_probe(feats: torch.Tensor, fg: torch.Tensor, epochs: int = 300, lr: f
         probe.history.append(loss.item())
     return probe
 
+# %% ../nbs/15_davis.ipynb #5261e225
 def fg_probe_eval(model, root=None, train_sequences=None, test_sequences=None, every: int = 10, size=None,
                   max_frames: int | None = None, epochs: int = 300, balanced: bool = True, seed: int = 0,
                   return_probe: bool = False) -> dict:

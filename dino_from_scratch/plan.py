@@ -119,7 +119,7 @@ class MemoryPlan:
 GiB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
-# %% ../nbs/24_scaling.ipynb #767f49cb
+# %% ../nbs/24_scaling.ipynb #2e27ba06
 def _crop_sizes(recipe: Recipe) -> tuple[int, int, int]:
     """(global, local, Gram-teacher) crop sizes in pixels. With mixed resolutions (`data.crops.resolutions`, DINOv3's
     high-resolution stage) the group with the most tokens: memory has to fit the largest batch."""
@@ -136,6 +136,7 @@ def _tokens(recipe: Recipe) -> tuple[int, int, int]:
     n_g = (gs // p) ** 2
     return n_g, n_g + 1 + R, (ls // p) ** 2 + 1 + R
 
+# %% ../nbs/24_scaling.ipynb #4d8bd94d
 def _nograd_block_peak(cfg: ViTConfig) -> float:
     "Numbers per token alive inside one block during a forward pass without gradient: input, norm output, the larger branch."
     D, H = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -151,6 +152,76 @@ def _head_rows(hc: HeadConfig, D: int, rows_s: float, rows_t: float, ab: int) ->
     wn = (1 if hc.norm_last_layer else 2) * hc.out_dim * hc.bottleneck_dim * ab   # g * v / |v| (and v / |v|)
     return student + teacher + wn
 
+# %% ../nbs/24_scaling.ipynb #6bedfca0
+def _plan_state(plan: MemoryPlan, r: Recipe, heads: dict) -> None:
+    "Add the rows of the fp32 state (divided by the shards) and of what FSDP or DDP adds to `plan`."
+    cfg, D, rows, A = r.model, r.model.embed_dim, plan.rows, plan.assumptions
+    S = plan.gpus if plan.strategy == "fsdp" else 1          # shards of every state tensor
+    ab = DTYPE_BYTES[plan.precision]                          # bytes of an activation / gathered weight
+    P = vit_params(cfg)
+    plan.counts["backbone"] = P
+    for k, (hc, tot, _) in heads.items(): plan.counts[f"{'DINO' if k == 'dino' else 'iBOT'} head"] = tot
+    rows["parameters (backbone, fp32)"] = 4 * P / S
+    rows["gradients (backbone, fp32)"] = 4 * P / S
+    rows["AdamW states (backbone, 2 x fp32)"] = 8 * P / S
+    for k, (hc, tot, trn) in heads.items():
+        rows[f"{'DINO' if k == 'dino' else 'iBOT'} head, {hc.out_dim:,} prototypes (+grads, AdamW, EMA copy)"] = (8 * tot + 12 * trn) / S
+    rows["EMA teacher (backbone, fp32)"] = 4 * P / S
+    gram = r.gram.loss_weight > 0
+    rows["Gram teacher (backbone, fp32)" if gram else "Gram teacher (off: gram.loss_weight = 0)"] = 4 * P / S if gram else 0.0
+    # --- what sharding or replication adds
+    P_heads = sum(t for _, t, _ in heads.values())
+    if plan.strategy == "fsdp":
+        units = [block_params(cfg)] * cfg.depth + [t for _, t, _ in heads.values()] + [P - cfg.depth * block_params(cfg)]
+        u = max(units)
+        rows["FSDP working set (2 gathered units + 1 unsharded gradient)"] = 2 * u * ab + u * (ab + (4 if ab != 4 else 0))
+        A.append(f"FSDP2 fully_shard per block, per head and on the root over {plan.gpus} GPU(s): parameters, gradients, AdamW "
+                 f"states and both teachers divided by {S} (padding ignored); working set: the largest unit ({u:,} parameters) "
+                 f"gathered twice in {plan.precision} (current + prefetched) plus one unit's unsharded gradient"
+                 + (" in bf16 and fp32 (reduce_dtype fp32)" if ab != 4 else ""))
+    else:
+        if ab != 4: rows["bf16 copies of the weights (autocast, kept for backward)"] = 2 * (P + P_heads)
+        if plan.gpus > 1: rows["DDP gradient buckets"] = 4 * (P + P_heads)
+        A.append("no sharding: every GPU holds the full fp32 parameters, gradients, AdamW states and teachers"
+                 + (" (DDP adds gradient buckets: one more gradient copy)" if plan.gpus > 1 else ""))
+
+# %% ../nbs/24_scaling.ipynb #76d7c2de
+def _plan_activations(plan: MemoryPlan, r: Recipe, heads: dict) -> dict:
+    "Add the rows of the student's activations and of the heads, logits, targets and Gram matrices to `plan`."
+    cfg, c, D, B, rows = r.model, r.data.crops, r.model.embed_dim, plan.batch_per_gpu, plan.rows
+    ab = DTYPE_BYTES[plan.precision]
+    n_patch, Tg, Tl = _tokens(r)
+    groups = [B * c.n_global * Tg, B * c.n_local * Tl]        # tokens of the two forward calls (global, local crops)
+    tokens = sum(groups)
+    act, f32 = block_saved_per_token(cfg, plan.checkpointing)
+    blocks = cfg.depth * tokens * (act * ab + f32 * 4)
+    if plan.checkpointing != "none":                          # backward recomputes one block at a time
+        a0, f0 = block_saved_per_token(cfg, "none")
+        blocks += max(groups) * ((a0 - act) * ab + (f0 - f32) * 4)
+    gs, ls, gram_px = _crop_sizes(r)
+    images = B * 3 * (c.n_global * gs ** 2 + c.n_local * ls ** 2)
+    outside = images * ab + tokens * (D * ab + 8)             # patch-embedding input; final norm input and statistics
+    rows[f"activations (backbone, {tokens:,} tokens x {cfg.depth} blocks)"] = blocks + outside
+    # --- heads, logits, losses
+    logits = 0.0
+    for k, (hc, _, _) in heads.items():
+        if k == "dino": logits += _head_rows(hc, D, B * (c.n_global + c.n_local), B * c.n_global, ab)
+    M = 0.0
+    if r.ibot.loss_weight > 0:
+        M = B * c.n_global * n_patch * r.mask.mask_probability * (r.mask.ratio_min + r.mask.ratio_max) / 2
+        hc = heads["ibot"][0] if "ibot" in heads else heads["dino"][0]     # shared head: the DINO head again
+        logits += _head_rows(hc, D, M, M, ab)
+    gram = r.gram.loss_weight > 0
+    if gram:   # student patches normalised (fp32) and their Gram matrices; the Gram teacher's patch features
+        logits += B * c.n_global * (n_patch * D * (4 + 4 + ab) + 2 * n_patch ** 2 * 4)
+        # the Gram teacher runs *after* the student's forward pass (its activations are alive): its images, its patch
+        # features at its own resolution, and one block's working memory
+        T_gram = (gram_px // cfg.patch_size) ** 2 + 1 + cfg.num_registers
+        logits += B * c.n_global * (3 * gram_px ** 2 + T_gram * (D + _nograd_block_peak(cfg))) * ab
+    rows["heads: activations, logits, targets" + (", Gram matrices" if gram else "")] = logits
+    return dict(n_patch=n_patch, Tg=Tg, Tl=Tl, gs=gs, ls=ls, gram_px=gram_px, M=M)
+
+# %% ../nbs/24_scaling.ipynb #dfd638d7
 def plan_memory(recipe: Recipe | str, gpus: int = 1, batch_per_gpu: int | None = None, checkpointing: str = "none",
                 precision: str = "bf16", strategy: str = "fsdp", gpu_memory_gib: float = 80.0) -> MemoryPlan:
     """Per-GPU memory of one training step of `recipe` with `gpus` GPUs and `batch_per_gpu` images each (default:
@@ -172,86 +243,30 @@ def plan_memory(recipe: Recipe | str, gpus: int = 1, batch_per_gpu: int | None =
     if checkpointing not in CHECKPOINTING: raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
     if precision not in DTYPE_BYTES: raise ValueError(f"precision must be one of {', '.join(DTYPE_BYTES)}, got {precision!r}")
     if strategy not in ("fsdp", "ddp"): raise ValueError(f"strategy must be 'fsdp' or 'ddp', got {strategy!r}")
-    cfg, c, D = r.model, r.data.crops, r.model.embed_dim
+    cfg, c, ab = r.model, r.data.crops, DTYPE_BYTES[precision]
     plan = MemoryPlan(r.name, gpus, B, checkpointing, precision, strategy, gpu_memory_gib)
-    S = gpus if strategy == "fsdp" else 1                     # shards of every state tensor
-    ab = DTYPE_BYTES[precision]                               # bytes of an activation / gathered weight
-    rows, A = plan.rows, plan.assumptions
-    # --- state: parameters, gradients, AdamW, teachers (fp32, divided by the shards)
-    P = vit_params(cfg)
-    heads = {k: (hc, *head_params(D, hc)) for k, hc in recipe_heads(r).items()}
-    plan.counts["backbone"] = P
-    for k, (hc, tot, _) in heads.items(): plan.counts[f"{'DINO' if k == 'dino' else 'iBOT'} head"] = tot
-    rows["parameters (backbone, fp32)"] = 4 * P / S
-    rows["gradients (backbone, fp32)"] = 4 * P / S
-    rows["AdamW states (backbone, 2 x fp32)"] = 8 * P / S
-    for k, (hc, tot, trn) in heads.items():
-        rows[f"{'DINO' if k == 'dino' else 'iBOT'} head, {hc.out_dim:,} prototypes (+grads, AdamW, EMA copy)"] = (8 * tot + 12 * trn) / S
-    rows["EMA teacher (backbone, fp32)"] = 4 * P / S
-    gram = r.gram.loss_weight > 0
-    rows["Gram teacher (backbone, fp32)" if gram else "Gram teacher (off: gram.loss_weight = 0)"] = 4 * P / S if gram else 0.0
-    # --- what sharding or replication adds
-    P_heads = sum(t for _, t, _ in heads.values())
-    if strategy == "fsdp":
-        units = [block_params(cfg)] * cfg.depth + [t for _, t, _ in heads.values()] + [P - cfg.depth * block_params(cfg)]
-        u = max(units)
-        rows["FSDP working set (2 gathered units + 1 unsharded gradient)"] = 2 * u * ab + u * (ab + (4 if ab != 4 else 0))
-        A.append(f"FSDP2 fully_shard per block, per head and on the root over {gpus} GPU(s): parameters, gradients, AdamW "
-                 f"states and both teachers divided by {S} (padding ignored); working set: the largest unit ({u:,} parameters) "
-                 f"gathered twice in {precision} (current + prefetched) plus one unit's unsharded gradient"
-                 + (" in bf16 and fp32 (reduce_dtype fp32)" if ab != 4 else ""))
-    else:
-        if ab != 4: rows["bf16 copies of the weights (autocast, kept for backward)"] = 2 * (P + P_heads)
-        if gpus > 1: rows["DDP gradient buckets"] = 4 * (P + P_heads)
-        A.append("no sharding: every GPU holds the full fp32 parameters, gradients, AdamW states and teachers"
-                 + (" (DDP adds gradient buckets: one more gradient copy)" if gpus > 1 else ""))
-    # --- activations of the student backbone
-    n_patch, Tg, Tl = _tokens(r)
-    groups = [B * c.n_global * Tg, B * c.n_local * Tl]        # tokens of the two forward calls (global, local crops)
-    tokens = sum(groups)
-    act, f32 = block_saved_per_token(cfg, checkpointing)
-    blocks = cfg.depth * tokens * (act * ab + f32 * 4)
-    if checkpointing != "none":                               # backward recomputes one block at a time
-        a0, f0 = block_saved_per_token(cfg, "none")
-        blocks += max(groups) * ((a0 - act) * ab + (f0 - f32) * 4)
-    gs, ls, gram_px = _crop_sizes(r)
-    images = B * 3 * (c.n_global * gs ** 2 + c.n_local * ls ** 2)
-    outside = images * ab + tokens * (D * ab + 8)             # patch-embedding input; final norm input and statistics
-    rows[f"activations (backbone, {tokens:,} tokens x {cfg.depth} blocks)"] = blocks + outside
-    # --- heads, logits, losses
-    n_crops = c.n_global + c.n_local
-    logits = 0.0
-    for k, (hc, _, _) in heads.items():
-        if k == "dino": logits += _head_rows(hc, D, B * n_crops, B * c.n_global, ab)
-    M = 0.0
-    if r.ibot.loss_weight > 0:
-        M = B * c.n_global * n_patch * r.mask.mask_probability * (r.mask.ratio_min + r.mask.ratio_max) / 2
-        hc = heads["ibot"][0] if "ibot" in heads else heads["dino"][0]     # shared head: the DINO head again
-        logits += _head_rows(hc, D, M, M, ab)
-    if gram:   # student patches normalised (fp32) and their Gram matrices; the Gram teacher's patch features
-        logits += B * c.n_global * (n_patch * D * (4 + 4 + ab) + 2 * n_patch ** 2 * 4)
-        # the Gram teacher runs *after* the student's forward pass (its activations are alive): its images, its patch
-        # features at its own resolution, and one block's working memory
-        T_gram = (gram_px // cfg.patch_size) ** 2 + 1 + cfg.num_registers
-        logits += B * c.n_global * (3 * gram_px ** 2 + T_gram * (D + _nograd_block_peak(cfg))) * ab
-    rows["heads: activations, logits, targets" + (", Gram matrices" if gram else "")] = logits
-    # --- the rest of the assumptions
-    A += [f"AdamW: 2 fp32 states per trainable parameter; fp32 master parameters and gradients",
-          f"compute in {precision}: activations and logits {ab} bytes each; softmax / log-softmax outputs, LayerNorm "
-          "statistics and attention log-sum-exp in fp32" + (" (DINOv3: compute_precision param_dtype bf16, reduce_dtype fp32)" if ab == 2 else ""),
-          f"{B} images per GPU: {c.n_global} global crops of {gs} px ({Tg} tokens = {n_patch} patches + 1 CLS + "
-          f"{cfg.num_registers} registers) and {c.n_local} local crops of {ls} px ({Tl} tokens)"
-          + (" (the largest of data.crops.resolutions)" if getattr(c, "resolutions", ()) else ""),
-          "attention through fused scaled_dot_product_attention: output and log-sum-exp kept, no T x T matrix",
-          {"none": "no activation checkpointing: every block keeps all its saved tensors",
-           "selective": "selective checkpointing per block (DINOv3 default): matmul and attention outputs kept, the rest "
-                        "recomputed; one block's recomputation on top",
-           "full": "full checkpointing per block: only block inputs kept; one block recomputed at a time on top"}[checkpointing]]
+    heads = {k: (hc, *head_params(cfg.embed_dim, hc)) for k, hc in recipe_heads(r).items()}
+    _plan_state(plan, r, heads)
+    t = _plan_activations(plan, r, heads)
+    M, gram = t["M"], r.gram.loss_weight > 0
+    plan.assumptions += [
+        f"AdamW: 2 fp32 states per trainable parameter; fp32 master parameters and gradients",
+        f"compute in {precision}: activations and logits {ab} bytes each; softmax / log-softmax outputs, LayerNorm "
+        "statistics and attention log-sum-exp in fp32" + (" (DINOv3: compute_precision param_dtype bf16, reduce_dtype fp32)" if ab == 2 else ""),
+        f"{B} images per GPU: {c.n_global} global crops of {t['gs']} px ({t['Tg']} tokens = {t['n_patch']} patches + 1 CLS + "
+        f"{cfg.num_registers} registers) and {c.n_local} local crops of {t['ls']} px ({t['Tl']} tokens)"
+        + (" (the largest of data.crops.resolutions)" if getattr(c, "resolutions", ()) else ""),
+        "attention through fused scaled_dot_product_attention: output and log-sum-exp kept, no T x T matrix",
+        {"none": "no activation checkpointing: every block keeps all its saved tensors",
+         "selective": "selective checkpointing per block (DINOv3 default): matmul and attention outputs kept, the rest "
+                      "recomputed; one block's recomputation on top",
+         "full": "full checkpointing per block: only block inputs kept; one block recomputed at a time on top"}[checkpointing]]
+    A = plan.assumptions
     if _branch_keep(cfg) < 1:
         A.append(f"drop-path {cfg.drop_path_rate} in batch-subset mode: residual branches run on {1 - cfg.drop_path_rate:.0%} of the batch")
     if M: A.append(f"iBOT: {M:,.0f} masked patch tokens per GPU on average (mask probability {r.mask.mask_probability} "
                    f"x mean ratio {(r.mask.ratio_min + r.mask.ratio_max) / 2:g})")
-    if gram: A.append(f"Gram teacher on {gram_px} px copies of the global crops, after the student's forward pass: "
+    if gram: A.append(f"Gram teacher on {t['gram_px']} px copies of the global crops, after the student's forward pass: "
                       "its images, features and one block's working memory are counted with the heads")
     A += ["teachers run without gradients: no activations kept, only their outputs (counted with the heads)",
           "gradients counted during the whole step (our trainer frees them after the forward pass); zeroing them "
