@@ -370,8 +370,6 @@ def dinov2_vitg14() -> Recipe:
 
 # %% ../nbs/04_config.ipynb #ee8aa0c8
 _V3 = "facebookresearch/dinov3 dinov3/configs/train/"
-_KOLEO16 = Deviation("KoLeo over a group of 16 ranks", "per process", "koleo_loss_distributed, group size 16",
-                     _V3 + "dinov3_vit7b16_high_res_adapt.yaml:19-22", "distributed KoLeo is not implemented; per-process KoLeo")
 _RAMP = Deviation("lr ramp shape", "linear 0 -> peak over warmup_epochs", "cosine 0 -> peak over cosine_epochs",
                   "", "our constant schedule ramps linearly (same length, same peak)")
 _SHARD = Deviation("shard.strategy", "ddp", "FSDP SHARD_GRAD_OP", _V3 + "dinov3_vit7b16_pretrain.yaml:9",
@@ -386,7 +384,7 @@ _L168 = Deviation("data.crops.resolutions[2] local size", 160, 168, _V3 + "dinov
                   "168 px = 10.5 patches of 16, whose last 8 px the patch convolution drops: 160 keeps the same grid")
 DEVIATIONS |= {"dinov3_vitl16_im1k": [],
                "dinov3_vit7b16": [_SHARD, _FP8], "dinov3_vit7b16_gram": [_SHARD, _FP8, _GRAMCKPT],
-               "dinov3_vit7b16_highres": [_SHARD, _FP8, _HR_CKPT, _L168, _KOLEO16,
+               "dinov3_vit7b16_highres": [_SHARD, _FP8, _HR_CKPT, _L168,
                                           Deviation(**{**asdict(_RAMP), "source": _V3 + "dinov3_vit7b16_high_res_adapt.yaml:203-209"})]}
 
 def dinov3_vitl16_im1k() -> Recipe:
@@ -441,6 +439,7 @@ def dinov3_vit7b16_highres() -> Recipe:
         "optim.freeze_last_layer_epochs": 0,
         "loss.warmup_teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 0,
         "loss.local_weight_schedule": dict(start=0.5, peak=0.5, end=0.5),
+        "loss.koleo_group": 16,        # KoLeo over groups of 16 ranks (high_res_adapt.yaml:19-22, koleo_loss_distributed)
         "gram": GramConfig(loss_weight=1.5, it_first_update=1_010_000, max_updates=3),   # never reached in 30,000 iterations
         "run.init_from": "runs/dinov3_vit7b16_gram", "run.init_student_from": "teacher"}))
 
