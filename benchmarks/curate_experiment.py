@@ -192,6 +192,7 @@ def summary_stage(a, out):
         arms[arm] = {"n_images": runs[0]["n_images"], "steps": runs[0]["steps"], "seeds": [r["seed"] for r in runs]} | mean | spread
         arms[arm] |= {"sources": cur.get(f"{arm}_sources", {}), "per_seed": runs}
     cmds = [json.loads(l) for l in (out/"commands.jsonl").read_text().splitlines()] if (out/"commands.jsonl").exists() else []
+    cmds = [c for c in cmds if "summary" not in c["argv"]]               # the commands that produced results
     settings = {k: v for k, v in vars(a).items() if k not in ("stage", "arm", "json", "out", "train_seeds")}
     settings |= {"embedder": cur["embedder"], "embedder_spec": cur.get("embedder_spec"), "retrieval_seeds": cur["n_seeds"],
                  "recipe": "tiny_v2", "threads": 1, "date": time.strftime("%Y-%m-%d"),
