@@ -193,10 +193,10 @@ def summary_stage(a, out):
         arms[arm] |= {"sources": cur.get(f"{arm}_sources", {}), "per_seed": runs}
     cmds = [json.loads(l) for l in (out/"commands.jsonl").read_text().splitlines()] if (out/"commands.jsonl").exists() else []
     cmds = [c for c in cmds if "summary" not in c["argv"]]               # the commands that produced results
-    settings = {k: v for k, v in vars(a).items() if k not in ("stage", "arm", "json", "out", "train_seeds")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("stage", "arm", "json", "out", "train_seeds", "note")}
     settings |= {"embedder": cur["embedder"], "embedder_spec": cur.get("embedder_spec"), "retrieval_seeds": cur["n_seeds"],
                  "recipe": "tiny_v2", "threads": 1, "date": time.strftime("%Y-%m-%d"),
-                 "note": "k-NN / mIoU per arm are means over the training seeds; *_range is max - min over them"}
+                 "note": "k-NN / mIoU per arm are means over the training seeds; *_range is max - min over them. " + a.note}
     res = {"settings": settings, "commands": cmds, "curation": cur, "arms": arms}
     dst = Path(a.json); dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(res, indent=1))
@@ -219,6 +219,7 @@ def main():
     p.add_argument("--seeds-per-class", type=int, default=50); p.add_argument("--p", type=float, default=0.1)
     p.add_argument("--seg-epochs", type=int, default=10); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="training (and probe / random-init) seeds")
+    p.add_argument("--note", default="", help="summary: a remark stored with the settings (how the runs went)")
     a = p.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     with open(out/"commands.jsonl", "a") as fh:
