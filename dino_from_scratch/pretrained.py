@@ -18,11 +18,11 @@ from .vit_v3 import DINOV3_ARCHS, dinov3_vit_config
 
 # %% auto #0
 __all__ = ['OFFICIAL_WEIGHTS', 'DINOV3_HUB_FILES', 'WRAPPER_KEYS', 'HEAD_PREFIXES', 'BACKBONE_PREFIXES', 'HF_RULES',
-           'V3_HUB_RULES', 'TIMM_V3_RULES', 'V3_DEFAULTS', 'DINOV3_HEADS', 'FLAVOURS', 'DINO_HEADS', 'load_checkpoint',
-           'unwrap_checkpoint', 'rename_with_rules', 'rename_hf', 'rename_timm', 'rename_dinov3', 'rename_hf_dinov3',
-           'rename_timm_dinov3', 'Flavour', 'key_bias_mask', 'dinov3_hub_config', 'hf_dinov3_config',
-           'timm_dinov3_config', 'official_flavour', 'infer_config', 'describe', 'as_tokens', 'check_rope_periods',
-           'load_official']
+           'V3_HUB_RULES', 'TIMM_V3_RULES', 'V3_DEFAULTS', 'DINOV3_HEADS', 'FLAVOURS', 'OFFICIAL_LOADERS', 'DINO_HEADS',
+           'load_checkpoint', 'unwrap_checkpoint', 'rename_with_rules', 'rename_hf', 'rename_timm', 'rename_dinov3',
+           'rename_hf_dinov3', 'rename_timm_dinov3', 'Flavour', 'key_bias_mask', 'dinov3_hub_config',
+           'hf_dinov3_config', 'timm_dinov3_config', 'official_flavour', 'register_official_loader', 'infer_config',
+           'describe', 'as_tokens', 'check_rope_periods', 'load_official']
 
 # %% ../nbs/14_pretrained.ipynb #7395bce5
 _DINO, _DINOV2 = "https://dl.fbaipublicfiles.com/dino", "https://dl.fbaipublicfiles.com/dinov2"
@@ -315,7 +315,7 @@ def timm_dinov3_config(sd: dict) -> dict:
     if "blocks.0.mlp.fc1_g.weight" in sd: kw["swiglu_align"] = _v3_swiglu_align(D, sd["blocks.0.mlp.fc1_g.weight"].shape[0])
     return kw
 
-# %% ../nbs/14_pretrained.ipynb #458bbd75
+# %% ../nbs/14_pretrained.ipynb #104f949a
 _HF, _LS = "embeddings.patch_embeddings.projection.weight", "blocks.0.ls1.gamma"
 FLAVOURS: dict[str, Flavour] = {f.name: f for f in [
     Flavour("dinov3", "facebookresearch/dinov3 hub dinov3_vit*16* (DinoVisionTransformer)",
@@ -354,21 +354,39 @@ FLAVOURS: dict[str, Flavour] = {f.name: f for f in [
 ]}
 
 def _known() -> str:
-    from dino_from_scratch.convnext import CONVNEXT_FLAVOURS    # chapter 28 (it imports this module)
-    return "\n".join(f"  - {f.name}: {f.source}; keys {f.signature}" for f in [*FLAVOURS.values(), *CONVNEXT_FLAVOURS.values()])
+    fams = "\n".join(f"  - {f.name}: {f.source}; keys {f.signature}" for _, f in _all_flavours())
+    return fams + ("" if OFFICIAL_LOADERS else f"\n  ({_LATER})")
 
 def official_flavour(state_dict) -> str:
-    "The name of the flavour (a key of `FLAVOURS`, or of chapter 28's `CONVNEXT_FLAVOURS`) of a state dict, checkpoint or module."
+    "The name of the flavour (a key of `FLAVOURS`, or of a family registered by a later chapter) of a state dict, checkpoint or module."
     sd = unwrap_checkpoint(state_dict)
     ks = set(sd)
-    for f in FLAVOURS.values():
-        if f.detect(ks): return f.name
-    from dino_from_scratch.convnext import CONVNEXT_FLAVOURS
-    for f in CONVNEXT_FLAVOURS.values():
+    for _, f in _all_flavours():
         if f.detect(ks): return f.name
     tops = sorted({k.split(".")[0] for k in ks})
+    fams = f"DINO ViTs{''.join(', ' + f for f in OFFICIAL_LOADERS)}"
     raise ValueError(f"unrecognised state dict: {len(sd)} tensors, top-level names {tops[:15]}, e.g. keys {sorted(ks)[:6]}.\n"
-                     f"Known flavours (DINO ViTs, DINOv3 ConvNeXts):\n{_known()}")
+                     f"Known flavours ({fams}):\n{_known()}")
+
+# %% ../nbs/14_pretrained.ipynb #773a2fdd
+OFFICIAL_LOADERS: dict[str, dict] = {}   # family -> {"flavours": {name: Flavour}, "load": loader}: filled by later chapters
+_LATER = ("DINOv3 ConvNeXt files are read once chapter 28's module has registered them: `import dino_from_scratch.convnext`, "
+          "or use the package's top level, `from dino_from_scratch import load_official`, which does it")
+
+def register_official_loader(family: str, flavours: dict, load) -> None:
+    """Let `load_official` read the official weights of a backbone family defined in a later chapter (chapter 28:
+    "convnext"). `flavours` ({name: Flavour}) recognise its state dicts by their keys; `load(obj, flavour=,
+    map_location=, dtype=, verbose=, **overrides)` builds the model from a state dict, checkpoint or module.
+    Registering a family again replaces it (a module or notebook executed twice)."""
+    taken = {n: "the ViT flavours" for n in FLAVOURS} | {n: f"family {f!r}" for f, e in OFFICIAL_LOADERS.items()
+                                                           if f != family for n in e["flavours"]}
+    clash = {n: taken[n] for n in flavours if n in taken}
+    if clash: raise ValueError(f"family {family!r}: flavour names already taken: {clash}")
+    OFFICIAL_LOADERS[family] = {"flavours": dict(flavours), "load": load}
+
+def _all_flavours() -> list:
+    "(family, Flavour) in detection order: the ViT flavours (family None), then each registered family's."
+    return [(None, f) for f in FLAVOURS.values()] + [(fam, f) for fam, e in OFFICIAL_LOADERS.items() for f in e["flavours"].values()]
 
 # %% ../nbs/14_pretrained.ipynb #a7a843bb
 DINO_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}  # ViT-T/S/B/L/g: 64 channels per head (dino, dinov2 vision_transformer.py)
@@ -449,25 +467,28 @@ def check_rope_periods(periods: torch.Tensor, head_dim: int, base: float = 100.0
                      f"(max relative difference {rel:.2g}): {why}. If the model was trained with another base, "
                      "pass rope_base=<that base>.")
 
-# %% ../nbs/14_pretrained.ipynb #d8df965b
+# %% ../nbs/14_pretrained.ipynb #34ac94c5
 def load_official(src, *, flavour: str | None = None, map_location=None, dtype: torch.dtype | None = None,
                   num_heads: int | None = None, verbose: bool = False, **overrides) -> nn.Module:
     """Our `VisionTransformer` (eval mode) with official weights: `src` is a path (.pth/.pt, .safetensors, a HF folder),
     a state dict / training checkpoint, or a module. The architecture is read from the tensors; `flavour` forces a
     flavour (see `FLAVOURS`), `num_heads` and `overrides` (ViTConfig fields) replace what is inferred.
-    DINOv3 ConvNeXt weights (hub or Hugging Face names) are recognised by their keys and give a `ConvNeXt` (chapter 28)."""
+    Families registered by later chapters (`register_official_loader`: chapter 28's DINOv3 ConvNeXts, hub or Hugging
+    Face names) are recognised by their keys and built by their own loader."""
     notes, from_file = [], isinstance(src, (str, os.PathLike))
     obj = load_checkpoint(src, map_location) if from_file else src
-    from dino_from_scratch.convnext import CONVNEXT_FLAVOURS, convnext_flavour, load_official_convnext   # chapter 28 imports us
-    if flavour in CONVNEXT_FLAVOURS or (flavour is None and convnext_flavour(obj) is not None):
-        if num_heads: raise ValueError(f"num_heads={num_heads} given for a ConvNeXt checkpoint (a ConvNeXt has no heads)")
-        model = load_official_convnext(obj, flavour=flavour, map_location=map_location, dtype=dtype, verbose=verbose, **overrides)
+    sd = unwrap_checkpoint(obj, notes)
+    name = flavour or official_flavour(sd)
+    fam = next((f for f, e in OFFICIAL_LOADERS.items() if name in e["flavours"]), None)
+    if fam is not None:                # a family of a later chapter (chapter 28's ConvNeXt): its own loader
+        if num_heads: raise ValueError(f"num_heads={num_heads} given for a {fam} checkpoint (it has no attention heads)")
+        model = OFFICIAL_LOADERS[fam]["load"](obj, flavour=name, map_location=map_location, dtype=dtype, verbose=verbose, **overrides)
         if from_file: model.official["source"] = str(src)
         return model
-    sd = unwrap_checkpoint(obj, notes)
-    if flavour is not None and flavour not in FLAVOURS:
-        raise KeyError(f"unknown flavour {flavour!r}; known: {', '.join(FLAVOURS)}, {', '.join(CONVNEXT_FLAVOURS)}")
-    fl = FLAVOURS[flavour or official_flavour(sd)]
+    if name not in FLAVOURS:
+        known = [f.name for _, f in _all_flavours()]
+        raise KeyError(f"unknown flavour {name!r}; known: {', '.join(known)}" + ("" if OFFICIAL_LOADERS else f" ({_LATER})"))
+    fl = FLAVOURS[name]
     try: known = fl.config_from(sd) if fl.config_from else {}
     except ValueError as e: raise ValueError(f"{fl.name} checkpoint: {e}") from None
     ours = fl.rename(sd)
