@@ -391,6 +391,38 @@ def test_convnext_student_of_native_stride_gets_a_resized_teacher(teacher_run, i
     assert all(0 < m["n_masked"] <= 16 * 4 * 4 and m["ibot_loss"] > 0 for m in hist)   # positions on the shared 4x4 grid
 
 
+def test_backbone_registry_builds_registered_families_only():
+    "Chapter 25's registry of backbone families (chapter 28 registers the ConvNeXt): a toy family and the ViT."
+    from dataclasses import dataclass
+    from dino_from_scratch.distill import BACKBONES, BackboneFamily, arch_dict, build_backbone, model_config, register_backbone
+
+    @dataclass
+    class ToyConfig:
+        width: int = 4
+        arch: str = "toy"
+
+    class Toy(torch.nn.Module):
+        def __init__(self, cfg, **over):
+            super().__init__(); self.cfg = ToyConfig(**{**cfg.__dict__, **over}); self.embed_dim = self.cfg.width
+
+    saved = dict(BACKBONES)
+    try:
+        register_backbone(BackboneFamily("toy", ToyConfig, Toy, lambda n, **kw: ToyConfig(width=int(n.split("_")[1]), **kw), ("toy_12",)))
+        assert [build_backbone(c).embed_dim for c in (ToyConfig(5), "toy_12", {"arch": "toy", "width": 7})] == [5, 12, 7]
+        assert build_backbone({"arch": "toy_12"}, width=3).embed_dim == 3                     # overrides win over the size
+        assert arch_dict(ToyConfig(6)) == {"width": 6, "arch": "toy"} and model_config(arch_dict(ToyConfig(6))) == ToyConfig(6)
+        with pytest.raises(ValueError, match=r"names already taken: \['toy_12'\]"):
+            register_backbone(BackboneFamily("other", ToyConfig, Toy, names=("toy_12",)))
+    finally:
+        BACKBONES.clear(); BACKBONES.update(saved)
+    with pytest.raises(KeyError, match="unknown model.arch 'toy'"):
+        build_backbone({"arch": "toy"})
+    with pytest.raises(TypeError, match="no registered backbone family has the config class ToyConfig"):
+        build_backbone(ToyConfig())
+    vit = build_backbone({"depth": 1, "embed_dim": 32, "num_heads": 2})                        # no arch: a ViT
+    assert isinstance(vit, VisionTransformer) and arch_dict(vit.cfg)["arch"] == "vit"
+
+
 def test_students_on_different_grids_or_bad_backbones_are_refused(teacher_run, images, tmp_path):
     c = cfg(teacher_run, students=[{"name": "vit"}, {"name": "cnx"}])
     with pytest.raises(ValueError, match="one teacher forward gives one token grid.*'vit': 16, 'cnx': 32"):

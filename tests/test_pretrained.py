@@ -346,6 +346,37 @@ def test_damaged_checkpoints_name_the_tensors():
         load_official(hf)
 
 
+def test_a_registered_family_is_detected_after_the_vits_and_loaded_by_its_own_loader():
+    "Chapter 14's registry for later chapters' backbones (chapter 28 registers the ConvNeXt): a toy family."
+    from dino_from_scratch.pretrained import OFFICIAL_LOADERS, Flavour, register_official_loader
+    saved = dict(OFFICIAL_LOADERS)
+    seen = []
+    def load(obj, flavour=None, map_location=None, dtype=None, verbose=False, **kw):
+        seen.append((flavour, sorted(unwrap_checkpoint(obj)), kw))
+        m = nn.Linear(2, 2); m.official = {"flavour": flavour}
+        return m
+    toy = Flavour("toy", "a test family", "toy.weight", lambda ks: "toy.weight" in ks, lambda sd: sd)
+    try:
+        register_official_loader("toy", {"toy": toy}, load)
+        assert official_flavour({"toy.weight": torch.ones(1)}) == "toy"
+        assert official_flavour(vit_small(depth=1).state_dict()) in FLAVOURS       # the ViT flavours still come first
+        got = load_official({"model": {"toy.weight": torch.ones(1)}}, width=3)     # wrapped: unwrapped by the family's loader
+        assert got.official["flavour"] == "toy" and seen == [("toy", ["toy.weight"], {"width": 3})]
+        with pytest.raises(ValueError, match="num_heads=2 given for a toy checkpoint"):
+            load_official({"toy.weight": torch.ones(1)}, num_heads=2)
+        with pytest.raises(ValueError, match=r"flavour names already taken: \{'dinov2': 'the ViT flavours'\}"):
+            register_official_loader("other", {"dinov2": toy}, load)
+        with pytest.raises(ValueError, match="family 'toy'"):
+            register_official_loader("other", {"toy": toy}, load)
+        register_official_loader("toy", {"toy": toy}, load)                       # the same family again: replaced
+        with pytest.raises(ValueError, match="(?s)Known flavours.*toy: a test family"):
+            load_official({"conv1.weight": torch.ones(1)})
+    finally:
+        OFFICIAL_LOADERS.clear(); OFFICIAL_LOADERS.update(saved)
+    with pytest.raises(ValueError, match="unrecognised state dict"):
+        official_flavour({"toy.weight": torch.ones(1)})
+
+
 def test_bad_inputs(tmp_path):
     sd = vit_small(depth=1).state_dict()
     with pytest.raises(KeyError, match="unknown flavour 'dinov4'.*dinov3, hf_dinov3"):
