@@ -787,7 +787,7 @@ def test_load_official_convnext_missing_stage_and_bad_options():
     hf_cut = {k: v for k, v in theirs.state_dict().items() if not k.startswith("model.stages.3.")}
     with pytest.raises(ValueError, match=r"hf_dinov3_convnext checkpoint: 1 of 4 stages missing: stage 3"):
         load_official(hf_cut)
-    with pytest.raises(ValueError, match="a ConvNeXt has no heads"):
+    with pytest.raises(ValueError, match="num_heads=4 given for a convnext checkpoint .it has no attention heads"):
         load_official(hub, num_heads=4)
     with pytest.raises(KeyError, match="dinov3_convnext"):   # the known flavours name the ConvNeXt ones
         load_official(hub, flavour="convnext")
