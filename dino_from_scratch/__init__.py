@@ -6,8 +6,9 @@ __version__ = "0.0.1"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/31_api.ipynb #f349f56c
+# %% ../nbs/31_api.ipynb #f929a7bc
 import importlib as _importlib
+import sys as _sys
 from ._modidx import d as _index
 
 def _public_names() -> dict:
@@ -24,11 +25,25 @@ __all__ = sorted(n for n, mods in _NAMES.items() if len(mods) == 1)
 
 _MODULES = {m.rsplit(".", 1)[-1] for m in _index["syms"]}
 
+# a module with a registry -> the later modules that fill it when they are imported (tests/test_imports.py checks the list)
+_FILLERS = {"pretrained": ("convnext",), "distill": ("convnext",)}
+
+def _fill_registries():
+    "Import the fillers of every registry module already loaded (so a name handed out sees every registered family)."
+    for reg, fillers in _FILLERS.items():
+        if f"{__name__}.{reg}" in _sys.modules:
+            for m in fillers: _importlib.import_module(f"{__name__}.{m}")
+
+def _load(module: str):
+    mod = _importlib.import_module(module)
+    _fill_registries()
+    return mod
+
 def __getattr__(name: str):
-    if name in _MODULES: return _importlib.import_module(f"{__name__}.{name}")   # a chapter's module wins over a symbol
+    if name in _MODULES: return _load(f"{__name__}.{name}")       # a chapter's module wins over a symbol
     mods = _NAMES.get(name)
     if not mods: raise AttributeError(f"module 'dino_from_scratch' has no attribute {name!r}")
     if len(mods) > 1: raise AttributeError(f"{name!r} is defined in {' and '.join(mods)}: import it from the module you mean")
-    return getattr(_importlib.import_module(mods[0]), name)
+    return getattr(_load(mods[0]), name)
 
 def __dir__(): return sorted(set(globals()) | set(__all__))

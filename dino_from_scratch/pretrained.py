@@ -18,11 +18,11 @@ from .vit_v3 import DINOV3_ARCHS, dinov3_vit_config
 
 # %% auto #0
 __all__ = ['OFFICIAL_WEIGHTS', 'DINOV3_HUB_FILES', 'WRAPPER_KEYS', 'HEAD_PREFIXES', 'BACKBONE_PREFIXES', 'HF_RULES',
-           'V3_HUB_RULES', 'TIMM_V3_RULES', 'V3_DEFAULTS', 'DINOV3_HEADS', 'FLAVOURS', 'DINO_HEADS', 'load_checkpoint',
-           'unwrap_checkpoint', 'rename_with_rules', 'rename_hf', 'rename_timm', 'rename_dinov3', 'rename_hf_dinov3',
-           'rename_timm_dinov3', 'Flavour', 'key_bias_mask', 'dinov3_hub_config', 'hf_dinov3_config',
-           'timm_dinov3_config', 'official_flavour', 'infer_config', 'describe', 'as_tokens', 'check_rope_periods',
-           'load_official']
+           'V3_HUB_RULES', 'TIMM_V3_RULES', 'V3_DEFAULTS', 'DINOV3_HEADS', 'FLAVOURS', 'OFFICIAL_LOADERS', 'DINO_HEADS',
+           'load_checkpoint', 'unwrap_checkpoint', 'rename_with_rules', 'rename_hf', 'rename_timm', 'rename_dinov3',
+           'rename_hf_dinov3', 'rename_timm_dinov3', 'Flavour', 'key_bias_mask', 'dinov3_hub_config',
+           'hf_dinov3_config', 'timm_dinov3_config', 'official_flavour', 'register_official_loader', 'infer_config',
+           'describe', 'as_tokens', 'check_rope_periods', 'load_official']
 
 # %% ../nbs/14_pretrained.ipynb #7395bce5
 _DINO, _DINOV2 = "https://dl.fbaipublicfiles.com/dino", "https://dl.fbaipublicfiles.com/dinov2"
@@ -51,7 +51,7 @@ DINOV3_HUB_FILES = {f"dinov3_{a}" + ("" if w == "lvd1689m" else f"_{w}"): f"dino
                                     ("vit7b16", "lvd1689m", "a955f4ea"), ("vitl16", "sat493m", "eadcf0ff"),
                                     ("vit7b16", "sat493m", "a6675841")]}
 
-# %% ../nbs/14_pretrained.ipynb #b1fffa9b
+# %% ../nbs/14_pretrained.ipynb #6f53782f
 WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "model_state_dict", "module")  # tried in this order
 HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.", "classifier.")  # heads: not part of the backbone
 BACKBONE_PREFIXES = ("module.", "_orig_mod.", "backbone.", "dinov2.", "dinov2_with_registers.")  # DDP, compile, wrappers, HF task models
@@ -74,6 +74,7 @@ def load_checkpoint(path, map_location=None) -> Mapping:
                          "tensors (a full training checkpoint keeps e.g. its argparse `args`). If you trust the file, load "
                          "it with torch.load(path, weights_only=False) yourself and pass the dict to load_official.") from e
 
+# %% ../nbs/14_pretrained.ipynb #e5115fcc
 def _strip(sd: dict, prefix: str) -> dict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
@@ -113,7 +114,7 @@ def unwrap_checkpoint(obj, notes: list | None = None) -> dict[str, torch.Tensor]
     if bad: raise TypeError(f"state dict entries that are not tensors: {bad[:8]}")
     return sd
 
-# %% ../nbs/14_pretrained.ipynb #19467ac3
+# %% ../nbs/14_pretrained.ipynb #adec4e82
 def rename_with_rules(sd: dict, rules: list[tuple]) -> dict:
     "Rename tensors by the first matching rule; parts of one target are concatenated along dim 0. Unmatched names are kept."
     # a rule: (regex matching their whole name, our name as a match.expand template[, part index, number of parts])
@@ -171,6 +172,7 @@ def rename_timm(sd: dict) -> dict:
 
 def _same(sd: dict) -> dict: return dict(sd)
 
+# %% ../nbs/14_pretrained.ipynb #25fb45ed
 V3_HUB_RULES: list[tuple] = [   # facebookresearch/dinov3 DinoVisionTransformer -> ours (everything else has our name already)
     (r"storage_tokens", "register_tokens"), (r"rope_embed\.periods", "rope.periods"),
     (r"blocks\.(\d+)\.mlp\.w1\.(weight|bias)", r"blocks.\1.mlp.w12.\2", 0, 2),   # SwiGLUFFN: w3(silu(w1 x) * w2 x)
@@ -216,6 +218,7 @@ def rename_hf_dinov3(sd: dict) -> dict:
         out["rope.periods"] = 1 / out.pop("rope_embeddings.inv_freq")
     return out
 
+# %% ../nbs/14_pretrained.ipynb #8733fab3
 TIMM_V3_RULES: list[tuple] = [  # timm Eva (rope_type='dinov3') -> ours; eva.py checkpoint_filter_fn maps the hub names to these
     (r"reg_token", "register_tokens"), (r"blocks\.(\d+)\.gamma_([12])", r"blocks.\1.ls\2.gamma"),   # EvaBlock LayerScale
     (r"blocks\.(\d+)\.attn\.q_bias", r"blocks.\1.attn.qkv.bias", 0, 3),             # EvaAttention: [q_bias; k_bias; v_bias]
@@ -237,7 +240,7 @@ def rename_timm_dinov3(sd: dict) -> dict:
             if b + f"fc2.{part}" in out: out[b + f"w3.{part}"] = out.pop(b + f"fc2.{part}")
     return rename_timm(out)      # GluMlp (swiglu_align_to=0) packs [W1; W2] in fc1, as timm's DINOv2 ViT-g does
 
-# %% ../nbs/14_pretrained.ipynb #0a741511
+# %% ../nbs/14_pretrained.ipynb #a0122359
 @dataclass(frozen=True)
 class Flavour:
     "One family of checkpoints: how to recognise it, rename it to our names, and resize its position embedding."
@@ -273,6 +276,7 @@ def _dim(sd: dict, key: str) -> int:
     if key not in sd: raise ValueError(f"no '{key}' tensor (found {sorted(sd)[:8]} ...)")
     return sd[key].shape[0]
 
+# %% ../nbs/14_pretrained.ipynb #0f46f615
 def dinov3_hub_config(sd: dict) -> dict:
     "What a DINOv3 hub state dict tells beyond its shapes: heads (RoPE periods), masked key bias, local-crop norm, SwiGLU rounding."
     D = _dim(sd, "patch_embed.proj.weight")
@@ -311,6 +315,7 @@ def timm_dinov3_config(sd: dict) -> dict:
     if "blocks.0.mlp.fc1_g.weight" in sd: kw["swiglu_align"] = _v3_swiglu_align(D, sd["blocks.0.mlp.fc1_g.weight"].shape[0])
     return kw
 
+# %% ../nbs/14_pretrained.ipynb #104f949a
 _HF, _LS = "embeddings.patch_embeddings.projection.weight", "blocks.0.ls1.gamma"
 FLAVOURS: dict[str, Flavour] = {f.name: f for f in [
     Flavour("dinov3", "facebookresearch/dinov3 hub dinov3_vit*16* (DinoVisionTransformer)",
@@ -349,17 +354,39 @@ FLAVOURS: dict[str, Flavour] = {f.name: f for f in [
 ]}
 
 def _known() -> str:
-    return "\n".join(f"  - {f.name}: {f.source}; keys {f.signature}" for f in FLAVOURS.values())
+    fams = "\n".join(f"  - {f.name}: {f.source}; keys {f.signature}" for _, f in _all_flavours())
+    return fams + ("" if OFFICIAL_LOADERS else f"\n  ({_LATER})")
 
 def official_flavour(state_dict) -> str:
-    "The name of the flavour (a key of `FLAVOURS`) of a state dict, checkpoint or module."
+    "The name of the flavour (a key of `FLAVOURS`, or of a family registered by a later chapter) of a state dict, checkpoint or module."
     sd = unwrap_checkpoint(state_dict)
     ks = set(sd)
-    for f in FLAVOURS.values():
+    for _, f in _all_flavours():
         if f.detect(ks): return f.name
     tops = sorted({k.split(".")[0] for k in ks})
+    fams = f"DINO ViTs{''.join(', ' + f for f in OFFICIAL_LOADERS)}"
     raise ValueError(f"unrecognised state dict: {len(sd)} tensors, top-level names {tops[:15]}, e.g. keys {sorted(ks)[:6]}.\n"
-                     f"Known flavours (DINO ViT checkpoints only):\n{_known()}")
+                     f"Known flavours ({fams}):\n{_known()}")
+
+# %% ../nbs/14_pretrained.ipynb #773a2fdd
+OFFICIAL_LOADERS: dict[str, dict] = {}   # family -> {"flavours": {name: Flavour}, "load": loader}: filled by later chapters
+_LATER = ("DINOv3 ConvNeXt files are read once chapter 28's module has registered them: `import dino_from_scratch.convnext`, "
+          "or use the package's top level, `from dino_from_scratch import load_official`, which does it")
+
+def register_official_loader(family: str, flavours: dict, load) -> None:
+    """Let `load_official` read the official weights of a backbone family defined in a later chapter (chapter 28:
+    "convnext"). `flavours` ({name: Flavour}) recognise its state dicts by their keys; `load(obj, flavour=,
+    map_location=, dtype=, verbose=, **overrides)` builds the model from a state dict, checkpoint or module.
+    Registering a family again replaces it (a module or notebook executed twice)."""
+    taken = {n: "the ViT flavours" for n in FLAVOURS} | {n: f"family {f!r}" for f, e in OFFICIAL_LOADERS.items()
+                                                           if f != family for n in e["flavours"]}
+    clash = {n: taken[n] for n in flavours if n in taken}
+    if clash: raise ValueError(f"family {family!r}: flavour names already taken: {clash}")
+    OFFICIAL_LOADERS[family] = {"flavours": dict(flavours), "load": load}
+
+def _all_flavours() -> list:
+    "(family, Flavour) in detection order: the ViT flavours (family None), then each registered family's."
+    return [(None, f) for f in FLAVOURS.values()] + [(fam, f) for fam, e in OFFICIAL_LOADERS.items() for f in e["flavours"].values()]
 
 # %% ../nbs/14_pretrained.ipynb #a7a843bb
 DINO_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}  # ViT-T/S/B/L/g: 64 channels per head (dino, dinov2 vision_transformer.py)
@@ -418,7 +445,7 @@ def describe(cfg: ViTConfig) -> str:
             f"ffn={cfg.ffn}(x{cfg.mlp_ratio:g}) layerscale={'yes' if cfg.layerscale else 'no'} registers={cfg.num_registers} "
             f"mask_token={'yes' if cfg.mask_token else 'no'} qkv_bias={'yes' if cfg.qkv_bias else 'no'}" + v3)
 
-# %% ../nbs/14_pretrained.ipynb #5190c31c
+# %% ../nbs/14_pretrained.ipynb #756b0f23
 def as_tokens(f: dict) -> torch.Tensor:
     "The backbone contract {'cls', 'registers', 'patches'} as one token sequence [B, 1 + R + N, D] (the official layout)."
     return torch.cat([f["cls"][:, None], f["registers"], f["patches"]], dim=1)
@@ -440,16 +467,28 @@ def check_rope_periods(periods: torch.Tensor, head_dim: int, base: float = 100.0
                      f"(max relative difference {rel:.2g}): {why}. If the model was trained with another base, "
                      "pass rope_base=<that base>.")
 
+# %% ../nbs/14_pretrained.ipynb #34ac94c5
 def load_official(src, *, flavour: str | None = None, map_location=None, dtype: torch.dtype | None = None,
-                  num_heads: int | None = None, verbose: bool = False, **overrides) -> VisionTransformer:
+                  num_heads: int | None = None, verbose: bool = False, **overrides) -> nn.Module:
     """Our `VisionTransformer` (eval mode) with official weights: `src` is a path (.pth/.pt, .safetensors, a HF folder),
     a state dict / training checkpoint, or a module. The architecture is read from the tensors; `flavour` forces a
-    flavour (see `FLAVOURS`), `num_heads` and `overrides` (ViTConfig fields) replace what is inferred."""
+    flavour (see `FLAVOURS`), `num_heads` and `overrides` (ViTConfig fields) replace what is inferred.
+    Families registered by later chapters (`register_official_loader`: chapter 28's DINOv3 ConvNeXts, hub or Hugging
+    Face names) are recognised by their keys and built by their own loader."""
     notes, from_file = [], isinstance(src, (str, os.PathLike))
-    sd = unwrap_checkpoint(load_checkpoint(src, map_location) if from_file else src, notes)
-    if flavour is not None and flavour not in FLAVOURS:
-        raise KeyError(f"unknown flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
-    fl = FLAVOURS[flavour or official_flavour(sd)]
+    obj = load_checkpoint(src, map_location) if from_file else src
+    sd = unwrap_checkpoint(obj, notes)
+    name = flavour or official_flavour(sd)
+    fam = next((f for f, e in OFFICIAL_LOADERS.items() if name in e["flavours"]), None)
+    if fam is not None:                # a family of a later chapter (chapter 28's ConvNeXt): its own loader
+        if num_heads: raise ValueError(f"num_heads={num_heads} given for a {fam} checkpoint (it has no attention heads)")
+        model = OFFICIAL_LOADERS[fam]["load"](obj, flavour=name, map_location=map_location, dtype=dtype, verbose=verbose, **overrides)
+        if from_file: model.official["source"] = str(src)
+        return model
+    if name not in FLAVOURS:
+        known = [f.name for _, f in _all_flavours()]
+        raise KeyError(f"unknown flavour {name!r}; known: {', '.join(known)}" + ("" if OFFICIAL_LOADERS else f" ({_LATER})"))
+    fl = FLAVOURS[name]
     try: known = fl.config_from(sd) if fl.config_from else {}
     except ValueError as e: raise ValueError(f"{fl.name} checkpoint: {e}") from None
     ours = fl.rename(sd)

@@ -1,7 +1,11 @@
 """ConvNeXt backbone (chapter 28): official shapes and parameter counts, the backbone contract, masking, the teacher grid,
 and official weights in the torch.hub and Hugging Face layouts, parity-tested against the real `transformers` class."""
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +13,8 @@ import torch.nn.functional as F
 
 from dino_from_scratch.convnext import (CONVNEXT_PARAMS, CONVNEXT_README_M, CONVNEXT_SIZES, ConvNeXt, ConvNeXtConfig,
                                         build_backbone, build_v2_models_any, convnext_config, convnext_flavour,
-                                        load_official_backbone, load_official_convnext, resize_for_teacher)
-from dino_from_scratch.pretrained import as_tokens
+                                        load_official_convnext, resize_for_teacher)
+from dino_from_scratch.pretrained import as_tokens, load_official
 from dino_from_scratch.vit import VisionTransformer, ViTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -252,12 +256,64 @@ def test_hub_layout_parity_with_hf_and_the_official_forward():
     assert ours_vs(load_official_convnext(ckpt), lambda x: official_forward(hub, x), (64, 64)) < TOL
 
 
-def test_load_official_backbone_dispatches_convnext_and_vit():
-    hub = hf_to_hub(hf_model().state_dict())
-    assert isinstance(load_official_backbone(hub), ConvNeXt)
+def test_load_official_dispatches_convnext_and_vit(tmp_path):
+    "Chapter 14's `load_official` reads the ConvNeXt layouts chapter 28 registered with it, from memory and from a file."
+    theirs = hf_model()
+    hub = hf_to_hub(theirs.state_dict())
+    got = load_official(hub)
+    assert isinstance(got, ConvNeXt) and got.official["flavour"] == "dinov3_convnext"
+    assert ours_vs(got, lambda x: theirs(pixel_values=x).last_hidden_state, (64, 96)) < TOL
+    torch.save(theirs.state_dict(), tmp_path / "hf.pth")
+    got = load_official(tmp_path / "hf.pth", flavour="hf_dinov3_convnext")
+    assert got.official["flavour"] == "hf_dinov3_convnext" and got.official["source"] == str(tmp_path / "hf.pth")
+    with pytest.raises(ValueError, match="num_heads=4 given for a convnext checkpoint"):
+        load_official(hub, num_heads=4)
     vit = VisionTransformer(ViTConfig(img_size=28, patch_size=14, embed_dim=64, depth=1, num_heads=1, layerscale=1e-5, mask_token=True))
-    got = load_official_backbone(vit.state_dict())
+    got = load_official(vit.state_dict())
     assert isinstance(got, VisionTransformer) and got.official["flavour"] == "dinov2"
+
+
+# ------------------------------------------------------------------------------------------------ the registries, from outside
+REPO = Path(__file__).resolve().parent.parent
+
+def _run(code: str, *args) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().splitlines()[-1]
+
+
+def test_top_level_load_official_reads_a_convnext_in_a_fresh_process(tmp_path):
+    """`from dino_from_scratch import load_official` alone (chapter 28 never imported by the caller) reads a ConvNeXt
+    file: the top level imports the modules that fill chapter 14's and chapter 25's registries. Same features as here."""
+    hub = hf_to_hub(hf_model().state_dict())
+    torch.save(hub, tmp_path / "cnx.pth")
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; assert 'dino_from_scratch.convnext' not in sys.modules\n"
+            "from dino_from_scratch import load_official, build_backbone\n"
+            "m = load_official(sys.argv[1])\n"
+            "with torch.no_grad(): f = m.forward_features(torch.load(sys.argv[2]))['patches']\n"
+            "torch.save(f, sys.argv[3])\n"
+            "b = build_backbone({'arch': 'convnext', 'dims': [8, 16], 'depths': [1, 1]})\n"
+            "print(type(m).__module__, m.official['flavour'], type(b).__name__)")
+    assert _run(code, tmp_path / "cnx.pth", tmp_path / "x.pt", tmp_path / "f.pt") == "dino_from_scratch.convnext dinov3_convnext ConvNeXt"
+    with torch.no_grad(): want = load_official_convnext(hub).forward_features(x)["patches"]
+    assert (torch.load(tmp_path / "f.pt") - want).abs().max() < TOL
+
+
+def test_modules_imported_alone_say_what_to_import(tmp_path):
+    "Chapters 14 and 25 imported directly, without chapter 28: a ConvNeXt file or name is refused with the module to import."
+    torch.save(hf_to_hub(hf_model().state_dict()), tmp_path / "cnx.pth")
+    code = ("import sys\n"
+            "import dino_from_scratch.pretrained as p, dino_from_scratch.distill as d\n"
+            "assert 'dino_from_scratch.convnext' not in sys.modules\n"
+            "msgs = []\n"
+            "for f in (lambda: p.load_official(sys.argv[1]), lambda: d.build_backbone('convnext_tiny')):\n"
+            "    try: f(); msgs.append('loaded')\n"
+            "    except (ValueError, KeyError) as e: msgs.append(str(e))\n"
+            "print(all('import dino_from_scratch.convnext' in m for m in msgs), sorted(p.OFFICIAL_LOADERS), sorted(d.BACKBONES))")
+    assert _run(code, tmp_path / "cnx.pth") == "True [] ['vit']"
 
 
 # ------------------------------------------------------------------------------------------------ bad checkpoints

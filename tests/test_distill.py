@@ -329,3 +329,111 @@ def test_dino_train_distills_and_resumes(teacher_run, shared_data, tmp_path):
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
     _, meta = checkpoint.read_checkpoint(checkpoint.list_checkpoints(tmp_path / "run")[0])
     assert meta["step"] == 3 and meta["recipe"]["distill"]["enabled"] and meta["recipe"]["model"]["embed_dim"] == 16
+
+
+# ------------------------------------------------------------------ convolutional students (chapter 28)
+def tiny_convnext(**kw):
+    from dino_from_scratch.convnext import ConvNeXtConfig
+    return ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), **kw)       # stride 32
+
+
+def test_convnext_and_vit_students_from_one_teacher_forward(teacher_run, images, tmp_path):
+    """A ViT student and a ConvNeXt student (pseudo patch size 16: its map on the ViT/16 grid) trained side by side on
+    real images: ONE teacher forward per step, both students (and their EMAs) move, the frozen teacher does not."""
+    from dino_from_scratch.convnext import ConvNeXt
+    from dino_from_scratch.distill import load_student
+    c = cfg(teacher_run, students=[{"name": "vit"}, {"name": "cnx"}])
+    mt = MultiDistillTrainer(student_recipe(), out=tmp_path / "mix", dataset=fresh(images), distill=c, verbose=False,
+                             backbones={"cnx": tiny_convnext(patch_size=16)})
+    vit_tr, cnx_tr = mt.trainers
+    assert isinstance(cnx_tr.student.backbone, ConvNeXt) and isinstance(vit_tr.student.backbone, VisionTransformer)
+    assert cnx_tr.student.head.mlp[0].in_features == 32 and cnx_tr.teacher_resize is None
+    t = vit_tr.distill_teacher
+    assert cnx_tr.distill_teacher is t
+    t0 = {k: v.clone() for k, v in t.state_dict().items()}
+    s0 = [{k: v.clone() for k, v in tr.student.state_dict().items()} for tr in mt.trainers]
+    calls, inner = [], t.backbone.forward_features
+    t.backbone.forward_features = lambda x, **kw: calls.append(tuple(x.shape)) or inner(x, **kw)
+    seen = []
+    cnx_tr.student.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("masks")), with_kwargs=True)
+    hists = mt.fit(max_steps=3, progress=False)
+    assert calls == [(2 * 8, 3, 64, 64)] * 3                                        # one teacher forward per step, at 64 px
+    assert all(torch.equal(v, t.state_dict()[k]) for k, v in t0.items())           # the teacher is frozen
+    for tr, sd0, key in zip(mt.trainers, s0, ["backbone.blocks.0.attn.qkv.weight", "backbone.stages.2.0.pwconv1.weight"]):
+        sd = tr.student.state_dict()
+        assert not torch.equal(sd[key], sd0[key]), (tr.name, key)                   # each student's backbone moved
+        assert not torch.equal(sd["ibot_head.mlp.0.weight"], sd0["ibot_head.mlp.0.weight"])   # iBOT reached both
+        assert not torch.equal(tr.teacher.state_dict()[key], sd0[key])              # and its EMA followed
+    assert all(m["n_masked"] > 0 and m["ibot_loss"] > 0 for h in hists for m in h)
+    assert [m["n_masked"] for m in hists[0]] == [m["n_masked"] for m in hists[1]]   # the same iBOT positions for both
+    assert seen == [None] * 3                                                       # the ConvNeXt student is not masked
+    back, meta = load_student(tmp_path / "mix" / "cnx")                              # its run directory rebuilds it
+    assert isinstance(back, ConvNeXt) and meta["distill"]["student_backbone"]["arch"] == "convnext"
+    assert torch.equal(back.norm.weight, cnx_tr.teacher.backbone.norm.weight)
+    assert isinstance(load_student(tmp_path / "mix" / "vit")[0], VisionTransformer)
+
+
+def test_convnext_student_of_native_stride_gets_a_resized_teacher(teacher_run, images, tmp_path):
+    """DINOv3's alignment: a stride-32 ConvNeXt student under a ViT/16 teacher; the student sees 128 px global crops, the
+    teacher the same crops at half size (64 px, DINOv3's teacher_to_student_resolution_scale 2), so the teacher's 4x4
+    tokens cover the student's 4x4 cells and the iBOT positions are shared."""
+    tr = DistillTrainer(student_recipe("data.crops.global_size=128"), out=tmp_path / "c", dataset=fresh(images),
+                        distill=cfg(teacher_run), verbose=False, backbone=tiny_convnext())
+    assert tr.teacher_resize == (16, 32) and tr.student.backbone.patch_size == 32
+    calls, inner = [], tr.distill_teacher.backbone.forward_features
+    tr.distill_teacher.backbone.forward_features = lambda x, **kw: calls.append(tuple(x.shape)) or inner(x, **kw)
+    w0 = tr.student.backbone.stages[3][0].dwconv.weight.clone()
+    seen = []
+    tr.student.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(a[0][0].shape[-2:])), with_kwargs=True)
+    hist = tr.fit(max_steps=2, progress=False)
+    assert calls == [(16, 3, 64, 64)] * 2 and seen == [(128, 128)] * 2                  # teacher at 64 px, student at 128 px
+    assert not torch.equal(w0, tr.student.backbone.stages[3][0].dwconv.weight)
+    assert all(0 < m["n_masked"] <= 16 * 4 * 4 and m["ibot_loss"] > 0 for m in hist)   # positions on the shared 4x4 grid
+
+
+def test_backbone_registry_builds_registered_families_only():
+    "Chapter 25's registry of backbone families (chapter 28 registers the ConvNeXt): a toy family and the ViT."
+    from dataclasses import dataclass
+    from dino_from_scratch.distill import BACKBONES, BackboneFamily, arch_dict, build_backbone, model_config, register_backbone
+
+    @dataclass
+    class ToyConfig:
+        width: int = 4
+        arch: str = "toy"
+
+    class Toy(torch.nn.Module):
+        def __init__(self, cfg, **over):
+            super().__init__(); self.cfg = ToyConfig(**{**cfg.__dict__, **over}); self.embed_dim = self.cfg.width
+
+    saved = dict(BACKBONES)
+    try:
+        register_backbone(BackboneFamily("toy", ToyConfig, Toy, lambda n, **kw: ToyConfig(width=int(n.split("_")[1]), **kw), ("toy_12",)))
+        assert [build_backbone(c).embed_dim for c in (ToyConfig(5), "toy_12", {"arch": "toy", "width": 7})] == [5, 12, 7]
+        assert build_backbone({"arch": "toy_12"}, width=3).embed_dim == 3                     # overrides win over the size
+        assert arch_dict(ToyConfig(6)) == {"width": 6, "arch": "toy"} and model_config(arch_dict(ToyConfig(6))) == ToyConfig(6)
+        with pytest.raises(ValueError, match=r"names already taken: \['toy_12'\]"):
+            register_backbone(BackboneFamily("other", ToyConfig, Toy, names=("toy_12",)))
+    finally:
+        BACKBONES.clear(); BACKBONES.update(saved)
+    with pytest.raises(KeyError, match="unknown model.arch 'toy'"):
+        build_backbone({"arch": "toy"})
+    with pytest.raises(TypeError, match="no registered backbone family has the config class ToyConfig"):
+        build_backbone(ToyConfig())
+    vit = build_backbone({"depth": 1, "embed_dim": 32, "num_heads": 2})                        # no arch: a ViT
+    assert isinstance(vit, VisionTransformer) and arch_dict(vit.cfg)["arch"] == "vit"
+
+
+def test_students_on_different_grids_or_bad_backbones_are_refused(teacher_run, images, tmp_path):
+    c = cfg(teacher_run, students=[{"name": "vit"}, {"name": "cnx"}])
+    with pytest.raises(ValueError, match="one teacher forward gives one token grid.*'vit': 16, 'cnx': 32"):
+        MultiDistillTrainer(student_recipe(), out=tmp_path / "a", dataset=fresh(images), distill=c, verbose=False,
+                            backbones={"cnx": tiny_convnext()})
+    with pytest.raises(KeyError, match="unknown students \\['resnet'\\]"):
+        MultiDistillTrainer(student_recipe(), out=tmp_path / "b", dataset=fresh(images), distill=c, verbose=False,
+                            backbones={"resnet": tiny_convnext()})
+    with pytest.raises(ValueError, match="does not divide the student's patch size"):
+        DistillTrainer(student_recipe(), out=tmp_path / "c", dataset=fresh(images), distill=cfg(teacher_run), verbose=False,
+                       backbone=tiny_convnext(stem_stride=3))
+    with pytest.raises(ValueError, match="layerwise_decay=0.9 counts ViT blocks"):
+        DistillTrainer(student_recipe("optim.layerwise_decay=0.9"), out=tmp_path / "d", dataset=fresh(images),
+                       distill=cfg(teacher_run), verbose=False, backbone=tiny_convnext())

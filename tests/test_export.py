@@ -179,6 +179,29 @@ def test_any_backbone_and_frozen_shapes_are_caught(tmp_path):
             export_onnx(FrozenConv(), tmp_path / "frozen.onnx", size=32)
 
 
+
+def test_convnext_onnx_parity_at_three_sizes_and_its_bad_size(tmp_path):
+    """Chapter 28's ConvNeXt (native grid: patch_size = its total stride 32), official block design, random weights at a
+    scale where every part matters: onnxruntime = PyTorch within ONNX_TOL at the export size and two non-square ones,
+    and at a size never checked at export; an export size that is not a multiple of the stride is refused."""
+    from dino_from_scratch.convnext import ConvNeXt, ConvNeXtConfig
+    m = randomize_(ConvNeXt(ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(16, 24, 32, 48))))
+    assert m.patch_size == 32
+    r = export_onnx(m, tmp_path / "cnx.onnx", size=128)
+    assert list(r["check"]) == ["128x128", "192x128", "96x224"] and r["outputs"] == ["cls", "patches"]
+    assert max(max(d.values()) for d in r["check"].values()) < ONNX_TOL
+    ob = OnnxBackbone(tmp_path / "cnx.onnx", threads=1)
+    x = torch.randn(2, 3, 64, 160)
+    with torch.no_grad(): ref = m.forward_features(x)
+    got = ob.forward_features(x)
+    assert got["patches"].shape == (2, 2 * 5, 48) and got["registers"].shape == (2, 0, 48)
+    assert maxdiff(got["cls"], ref["cls"]) < ONNX_TOL and maxdiff(got["patches"], ref["patches"]) < ONNX_TOL
+    with pytest.raises(ValueError, match=r"export size 80x96 is not a multiple of the patch size 32: use e.g. 64x96 or 96x96"):
+        export_onnx(m, tmp_path / "bad.onnx", size=(80, 96))
+    with pytest.raises(ValueError, match=r"input size 64x100 is not a multiple of the patch size 32"):
+        ob.forward_features(torch.randn(1, 3, 64, 100))
+
+
 def test_onnx_bad_sizes_and_inputs(tmp_path):
     m = vit()
     with pytest.raises(ValueError, match=r"export size 72x64 is not a multiple of the patch size 16: use e.g. 64x64 or 80x64"):

@@ -97,6 +97,35 @@ def test_imports_go_down_the_chapter_order():
     assert not extra, f"modules importing a later chapter: {extra}"
 
 
+REGISTER = {"register_official_loader", "register_backbone"}   # the registries earlier chapters keep for later ones
+
+def registry_fillers() -> dict:
+    "{module defining a register_* function: {modules that call it at module level}} (what chapter 31's _FILLERS must list)."
+    defs, calls = {}, {}
+    for p in LIB.glob("*.py"):
+        tree = ast.parse(p.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name in REGISTER: defs[node.name] = p.stem
+            for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+                if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id in REGISTER:
+                    calls.setdefault(sub.func.id, set()).add(p.stem)
+    out = {}
+    for fn, mods in calls.items():
+        out.setdefault(defs[fn], set()).update(m for m in mods if m != defs[fn])
+    return out
+
+
+def test_top_level_imports_every_registry_filler():
+    """A later chapter that registers with an earlier one (instead of being imported by it) must be listed in the top
+    level's _FILLERS, which imports it whenever the registry's module is loaded through the package."""
+    import dino_from_scratch
+    found = registry_fillers()
+    assert found.get("pretrained") and found.get("distill"), found           # the scan sees chapter 28's registrations
+    listed = {k: set(v) for k, v in dino_from_scratch._FILLERS.items()}
+    missing = {k: sorted(v - listed.get(k, set())) for k, v in found.items() if v - listed.get(k, set())}
+    assert not missing, f"registering modules missing from dino_from_scratch._FILLERS (chapter 31): {missing}"
+
+
 if __name__ == "__main__":
     ch = chapters()
     for m, deps in sorted(graph().items(), key=lambda kv: ch.get(kv[0], (99,))[0]):

@@ -346,6 +346,37 @@ def test_damaged_checkpoints_name_the_tensors():
         load_official(hf)
 
 
+def test_a_registered_family_is_detected_after_the_vits_and_loaded_by_its_own_loader():
+    "Chapter 14's registry for later chapters' backbones (chapter 28 registers the ConvNeXt): a toy family."
+    from dino_from_scratch.pretrained import OFFICIAL_LOADERS, Flavour, register_official_loader
+    saved = dict(OFFICIAL_LOADERS)
+    seen = []
+    def load(obj, flavour=None, map_location=None, dtype=None, verbose=False, **kw):
+        seen.append((flavour, sorted(unwrap_checkpoint(obj)), kw))
+        m = nn.Linear(2, 2); m.official = {"flavour": flavour}
+        return m
+    toy = Flavour("toy", "a test family", "toy.weight", lambda ks: "toy.weight" in ks, lambda sd: sd)
+    try:
+        register_official_loader("toy", {"toy": toy}, load)
+        assert official_flavour({"toy.weight": torch.ones(1)}) == "toy"
+        assert official_flavour(vit_small(depth=1).state_dict()) in FLAVOURS       # the ViT flavours still come first
+        got = load_official({"model": {"toy.weight": torch.ones(1)}}, width=3)     # wrapped: unwrapped by the family's loader
+        assert got.official["flavour"] == "toy" and seen == [("toy", ["toy.weight"], {"width": 3})]
+        with pytest.raises(ValueError, match="num_heads=2 given for a toy checkpoint"):
+            load_official({"toy.weight": torch.ones(1)}, num_heads=2)
+        with pytest.raises(ValueError, match=r"flavour names already taken: \{'dinov2': 'the ViT flavours'\}"):
+            register_official_loader("other", {"dinov2": toy}, load)
+        with pytest.raises(ValueError, match="family 'toy'"):
+            register_official_loader("other", {"toy": toy}, load)
+        register_official_loader("toy", {"toy": toy}, load)                       # the same family again: replaced
+        with pytest.raises(ValueError, match="(?s)Known flavours.*toy: a test family"):
+            load_official({"conv1.weight": torch.ones(1)})
+    finally:
+        OFFICIAL_LOADERS.clear(); OFFICIAL_LOADERS.update(saved)
+    with pytest.raises(ValueError, match="unrecognised state dict"):
+        official_flavour({"toy.weight": torch.ones(1)})
+
+
 def test_bad_inputs(tmp_path):
     sd = vit_small(depth=1).state_dict()
     with pytest.raises(KeyError, match="unknown flavour 'dinov4'.*dinov3, hf_dinov3"):
@@ -699,3 +730,65 @@ def test_timm_dinov3_7b_config_from_shapes():
                        drop_path_mode=FLAVOURS["timm_dinov3"].drop_path_mode)                     # as load_official does
     want = dinov3_vit_config("vit7b16", untie_local_cls_norm=False, mask_token=False, mask_k_bias=False)
     assert cfg == want, (cfg, want)
+
+
+# ------------------------------------------------------------------ DINOv3 ConvNeXt through load_official (chapter 28)
+def _hf_convnext(depths=(1, 2, 2, 1), dims=(32, 48, 64, 96), seed=0):
+    from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
+    return randomize_(DINOv3ConvNextModel(DINOv3ConvNextConfig(depths=list(depths), hidden_sizes=list(dims))), seed)
+
+
+def _hf_convnext_to_hub(hf_sd: dict) -> dict:
+    "The official torch.hub names (dinov3/models/convnext.py), written here by hand: downsample_layers.i.j, stages.i.j.dwconv ..."
+    out, names = {}, {"depthwise_conv": "dwconv", "layer_norm": "norm", "pointwise_conv1": "pwconv1", "pointwise_conv2": "pwconv2"}
+    for k, v in hf_sd.items():
+        k = k.removeprefix("model.")
+        if k.startswith("layer_norm."): out["norm." + k.split(".")[-1]] = v; continue
+        if (m := re.fullmatch(r"stages\.(\d+)\.downsample_layers\.(\d+)\.(weight|bias)", k)):
+            out[f"downsample_layers.{m[1]}.{m[2]}.{m[3]}"] = v; continue
+        m = re.fullmatch(r"stages\.(\d+)\.layers\.(\d+)\.(\w+?)(?:\.(weight|bias))?", k)
+        out[f"stages.{m[1]}.{m[2]}.{names.get(m[3], m[3])}" + (f".{m[4]}" if m[4] else "")] = v
+    return out | {"norms.3.weight": out["norm.weight"].clone(), "norms.3.bias": out["norm.bias"].clone()}
+
+
+@pytest.mark.parametrize("layout", ["hf", "hf_folder", "hub"])
+def test_load_official_reads_dinov3_convnext(layout, tmp_path):
+    """load_official dispatches ConvNeXt key names to chapter 28's loader: the pooled feature (HF pooler_output) and the
+    last stage's map (HF last_hidden_state after its pooled token) equal the real transformers class within 1e-5."""
+    from dino_from_scratch.convnext import ConvNeXt
+    theirs = _hf_convnext()
+    src = {"hf": theirs.state_dict(), "hub": _hf_convnext_to_hub(theirs.state_dict())}.get(layout)
+    if layout == "hf_folder":
+        theirs.save_pretrained(tmp_path); src = tmp_path
+    ours = load_official(src)
+    assert isinstance(ours, ConvNeXt) and not ours.training
+    assert ours.official["flavour"] == ("dinov3_convnext" if layout == "hub" else "hf_dinov3_convnext")
+    assert (ours.cfg.depths, ours.cfg.dims) == ((1, 2, 2, 1), (32, 48, 64, 96))
+    assert official_flavour(src if layout != "hf_folder" else theirs.state_dict()) == ours.official["flavour"]
+    for hw in [(64, 64), (96, 160), (160, 96)]:
+        x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            f, t = ours.forward_features(x), theirs(pixel_values=x)
+        assert f["patches"].shape == (2, hw[0] // 32 * hw[1] // 32, 96)
+        assert maxdiff(f["cls"], t.pooler_output) < TOL, hw
+        assert maxdiff(f["patches"], t.last_hidden_state[:, 1:]) < TOL, hw
+        assert maxdiff(f["cls"], t.last_hidden_state[:, 0]) < TOL, hw
+
+
+def test_load_official_convnext_missing_stage_and_bad_options():
+    theirs = _hf_convnext()
+    hub = _hf_convnext_to_hub(theirs.state_dict())
+    cut = {k: v for k, v in hub.items() if not k.startswith(("stages.1.", "downsample_layers.1."))}
+    with pytest.raises(ValueError) as e:
+        load_official(cut)
+    msg = str(e.value)
+    assert "1 of 4 stages missing: stage 1 has no tensors downsample_layers.1.*" in msg
+    assert "'downsample_layers.1.0.weight'" in msg and "'stages.1.0.dwconv.weight'" in msg
+    hf_cut = {k: v for k, v in theirs.state_dict().items() if not k.startswith("model.stages.3.")}
+    with pytest.raises(ValueError, match=r"hf_dinov3_convnext checkpoint: 1 of 4 stages missing: stage 3"):
+        load_official(hf_cut)
+    with pytest.raises(ValueError, match="num_heads=4 given for a convnext checkpoint .it has no attention heads"):
+        load_official(hub, num_heads=4)
+    with pytest.raises(KeyError, match="dinov3_convnext"):   # the known flavours name the ConvNeXt ones
+        load_official(hub, flavour="convnext")
+    assert isinstance(load_official(hub, flavour="dinov3_convnext"), torch.nn.Module)
