@@ -684,7 +684,7 @@ def _load(self: AlignLoop, path, tensors: dict, meta: dict):
     self.acc.wait_for_everyone()
     if self.verbose: print(f"[resume] continuing from {path} (step {self.step})")
 
-# %% ../nbs/27_text.ipynb #1ef3d770
+# %% ../nbs/27_text.ipynb #e693e11f
 class AlignTrainer(AlignLoop):
     "Train a `DinoTxt` on image-caption pairs over cached frozen tokens, with Accelerate (any number of processes)."
     def __init__(self, cfg: AlignConfig, backbone: VisionTransformer, data: CaptionSet, out, tokenizer: CaptionTokenizer | None = None,
@@ -696,6 +696,10 @@ class AlignTrainer(AlignLoop):
         self.verbose = verbose and self.acc.is_main_process
         if cfg.batch_size % self.world: raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
         found = latest_align_checkpoint(self.out, self.verbose) if resume else None
+        if not resume and list_align_checkpoints(self.out):
+            raise ValueError(f"{self.out} already holds a dino.txt run ({len(list_align_checkpoints(self.out))} checkpoint(s)): "
+                             "continue it with resume=True (--resume) or choose another run directory")
+        if not found and self.acc.is_main_process: (self.out/"metrics.jsonl").unlink(missing_ok=True)   # lines of a run that never saved
         if found: tokenizer = CaptionTokenizer.from_json(found[2]["tokenizer"])
         self.tokenizer = tokenizer or self._train_tokenizer(data)
         with self.acc.main_process_first():                          # the main process fills the disk cache, the others read it
