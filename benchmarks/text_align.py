@@ -12,7 +12,7 @@ Also measured: training images/s (wall clock and per CPU-second) with cached fro
 backbone in every step (the reason for the cache), and the mIoU of constant predictions (the floor). It draws the
 open-vocabulary maps of the two CLS + patch arms on one CamVid frame (`--save`: data/runs/text_align_maps.png).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_align.py --backbone runs/tiny --save     # ~25 CPU minutes
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_align.py --backbone runs/tiny --save     # ~13 CPU min of training + ~8 of evaluation
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_align.py --arms trained:cls_patch --steps 20 --out /tmp/ta  # smoke
 
 Writes `<out>/result.json` and, with `--save`, data/runs/text_align_result.json (what the chapter shows, with the exact
