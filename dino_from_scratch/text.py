@@ -32,18 +32,18 @@ from .pretrained import load_checkpoint, unwrap_checkpoint, load_official
 from .viz import colorize, overlay, to_png
 
 # %% auto #0
-__all__ = ['SKIP_KINDS', 'TEXT_KEYS', 'SPECIAL_TOKENS', 'IMAGENETTE_NAMES', 'CAMVID_NAMES', 'PROMPT_TEMPLATES',
-           'default_captions', 'read_text_utf8', 'read_captions_jsonl', 'clean_captions', 'CaptionSet', 'load_captions',
-           'captions_from_hf', 'load_caption_data', 'CaptionTokenizer', 'CausalSelfAttention', 'TextBlock',
-           'TextTransformer', 'eot_position', 'TextHead', 'TextTower', 'VisionHead', 'VisionTower', 'AlignConfig',
-           'tiny_align_config', 'config_from_dict', 'DinoTxt', 'distributed', 'gather_all', 'contrastive_loss',
-           'load_square', 'normalize_images', 'backbone_tokens', 'state_digest', 'cached_tokens', 'lr_at', 'no_decay',
-           'align_param_groups', 'save_align_checkpoint', 'read_align_checkpoint', 'list_align_checkpoints',
-           'latest_align_checkpoint', 'AlignLoop', 'AlignTrainer', 'check_tokenizer_fits', 'load_aligned',
-           'embed_tokens', 'embed_texts', 'text_part', 'class_embeddings', 'retrieval_metrics', 'zero_shot_accuracy',
-           'segment', 'pointing_game', 'open_vocab_segmentation', 'default_imagenette', 'evaluate_aligned',
-           'rename_dinotxt', 'dinotxt_config', 'load_official_dinotxt', 'TextQueryWidget', 'parse_sets',
-           'resolve_backbone_arg', 'align_parser', 'main']
+__all__ = ['SKIP_KINDS', 'TEXT_KEYS', 'SPECIAL_TOKENS', 'IMAGENETTE_NAMES', 'IMAGENETTE_CAPTION_NAMES', 'CAMVID_NAMES',
+           'PROMPT_TEMPLATES', 'default_captions', 'read_text_utf8', 'read_captions_jsonl', 'clean_captions',
+           'CaptionSet', 'load_captions', 'captions_from_hf', 'load_caption_data', 'CaptionTokenizer',
+           'CausalSelfAttention', 'TextBlock', 'TextTransformer', 'eot_position', 'TextHead', 'TextTower', 'VisionHead',
+           'VisionTower', 'AlignConfig', 'tiny_align_config', 'config_from_dict', 'DinoTxt', 'distributed',
+           'gather_all', 'contrastive_loss', 'load_square', 'normalize_images', 'backbone_tokens', 'state_digest',
+           'cached_tokens', 'lr_at', 'no_decay', 'align_param_groups', 'save_align_checkpoint', 'read_align_checkpoint',
+           'list_align_checkpoints', 'latest_align_checkpoint', 'AlignLoop', 'AlignTrainer', 'check_tokenizer_fits',
+           'load_aligned', 'embed_tokens', 'embed_texts', 'text_part', 'class_embeddings', 'retrieval_metrics',
+           'zero_shot_accuracy', 'segment', 'pointing_game', 'open_vocab_segmentation', 'default_imagenette',
+           'evaluate_aligned', 'rename_dinotxt', 'dinotxt_config', 'load_official_dinotxt', 'TextQueryWidget',
+           'parse_sets', 'resolve_backbone_arg', 'align_parser', 'main']
 
 # %% ../nbs/27_text.ipynb #69c96d65
 def default_captions() -> Path:
@@ -349,7 +349,7 @@ class VisionTower(nn.Module):
         return torch.cat(parts, -1), patches
     def forward(self, x): return self.from_tokens(self.backbone_tokens(x))
 
-# %% ../nbs/27_text.ipynb #d2ad2bfb
+# %% ../nbs/27_text.ipynb #283d9359
 @dataclass
 class AlignConfig:
     "A dino.txt model and its training. Official values: `dinov3/eval/text/configs/dinov3_vitl_text.yaml`, `text_backbone.yaml`."
@@ -359,7 +359,7 @@ class AlignConfig:
     use_cls: bool = True              # vision_model_use_class_token: true
     use_patches: bool = True          # vision_model_use_patch_tokens: true (mean pooler); False = LiT's CLS only
     embed_dim: int = 0                # 0: 2 x backbone width with patches, else the width (official 2048 = 2 x 1024)
-    image_size: int = 128             # the backbone's input (official 224); tiny_v2 trained at 64, see the text
+    image_size: int = 128             # the backbone's input (official 224); tiny trained at 64, see the text
     # text tower (official: 1280 wide, 20 heads, 24 layers, context 77, CLIP's 49,408 BPE tokens)
     vocab_size: int = 2048
     context_length: int = 32
@@ -684,7 +684,7 @@ def _load(self: AlignLoop, path, tensors: dict, meta: dict):
     self.acc.wait_for_everyone()
     if self.verbose: print(f"[resume] continuing from {path} (step {self.step})")
 
-# %% ../nbs/27_text.ipynb #1ef3d770
+# %% ../nbs/27_text.ipynb #e693e11f
 class AlignTrainer(AlignLoop):
     "Train a `DinoTxt` on image-caption pairs over cached frozen tokens, with Accelerate (any number of processes)."
     def __init__(self, cfg: AlignConfig, backbone: VisionTransformer, data: CaptionSet, out, tokenizer: CaptionTokenizer | None = None,
@@ -696,6 +696,10 @@ class AlignTrainer(AlignLoop):
         self.verbose = verbose and self.acc.is_main_process
         if cfg.batch_size % self.world: raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
         found = latest_align_checkpoint(self.out, self.verbose) if resume else None
+        if not resume and list_align_checkpoints(self.out):
+            raise ValueError(f"{self.out} already holds a dino.txt run ({len(list_align_checkpoints(self.out))} checkpoint(s)): "
+                             "continue it with resume=True (--resume) or choose another run directory")
+        if not found and self.acc.is_main_process: (self.out/"metrics.jsonl").unlink(missing_ok=True)   # lines of a run that never saved
         if found: tokenizer = CaptionTokenizer.from_json(found[2]["tokenizer"])
         self.tokenizer = tokenizer or self._train_tokenizer(data)
         with self.acc.main_process_first():                          # the main process fills the disk cache, the others read it
@@ -760,14 +764,17 @@ def load_aligned(src, tokenizer: CaptionTokenizer | None = None, device="cpu") -
     model.load_state_dict(sd)
     return model.to(device).eval(), tok, meta
 
-# %% ../nbs/27_text.ipynb #5ffc2e8b
+# %% ../nbs/27_text.ipynb #d7552041
 IMAGENETTE_NAMES = ("cassette player", "chainsaw", "church", "English Springer Spaniel", "French horn", "garbage truck",
                     "gas pump", "golf ball", "parachute", "tench")    # CLIP's ImageNet class names, Imagenette's label order
+IMAGENETTE_CAPTION_NAMES = ("radio", "chainsaw", "church", "dog", "trumpet", "truck", "gas station", "golf ball", "parachute",
+                            "fish")    # the same classes in words of the captions-mini training captions (counts in the text)
 CAMVID_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "person", "bicyclist")
 PROMPT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                     "a photo of a small {}.", "a photo of a large {}.", "a bright photo of a {}.", "a {} .",
                     "there is a {} in the picture .", "a picture of the {} .")   # 7 of CLIP's 80, 3 in the captions' style
 
+# %% ../nbs/27_text.ipynb #5b143130
 @torch.no_grad()
 def embed_tokens(model: DinoTxt, tokens: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     "Normalised image embeddings [M, E] and head patch tokens [M, N, E'] from frozen backbone tokens."
@@ -858,7 +865,7 @@ def open_vocab_segmentation(model, tok, seg_tokens: torch.Tensor, masks: torch.T
             "per_class": {n: (None if math.isnan(v) else round(v * 100, 1)) for n, v in zip(names, s["per_class"])},
             "pointing": pointing_game(patches, classes, masks, grid, names)}
 
-# %% ../nbs/27_text.ipynb #440c5a7d
+# %% ../nbs/27_text.ipynb #25fabdde
 def default_imagenette() -> Path:
     "`$DINO_DATA` (a labelled folder with val/), else `shared/data/imagenette2-128` beside the repository checkout."
     if os.environ.get("DINO_DATA"): return Path(os.environ["DINO_DATA"])
@@ -886,6 +893,7 @@ def evaluate_aligned(model: DinoTxt, tok: CaptionTokenizer, captions=None, image
         t, ok = tokens_of([ds.sources[i] for i in idx])
         labels = torch.tensor([ds.labels[i] for i in idx])[ok]
         res["zero_shot"] = zero_shot_accuracy(model, tok, t, labels) | {"n_images": len(labels)}
+        res["zero_shot_caption_names"] = zero_shot_accuracy(model, tok, t, labels, IMAGENETTE_CAPTION_NAMES)
     except (FileNotFoundError, ValueError) as e: res["zero_shot_skipped"] = str(e)
     try:
         p = bb.patch_size
@@ -1043,7 +1051,7 @@ def snapshot(self: TextQueryWidget, scale: float = 2.4):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/27_text.ipynb #5df1a885
+# %% ../nbs/27_text.ipynb #1285ba27
 def parse_sets(sets) -> dict:
     "['lr=1e-3', 'use_patches=false', 'betas=[0.9, 0.99]'] -> a dict of AlignConfig fields (values parsed as YAML)."
     import yaml
@@ -1061,6 +1069,7 @@ def parse_sets(sets) -> dict:
     config_from_dict(out)                                   # bad values fail here, by name
     return out
 
+# %% ../nbs/27_text.ipynb #484b2d3b
 def resolve_backbone_arg(spec: str, random_init: bool = False, seed: int = 0) -> tuple[VisionTransformer, str]:
     "A frozen backbone from a run directory / checkpoint (`--random-init`: its architecture, random weights) or an official file."
     p = Path(spec)

@@ -240,6 +240,20 @@ def test_resume_is_bit_identical(folder, tmp_path):
         T.AlignTrainer(cfg, random_backbone(get_recipe("tiny_v2"), seed=1), data, tmp_path / "split", resume=True, **kw)
 
 
+def test_fresh_start_in_a_used_run_directory(folder, tmp_path):
+    "Without resume, a directory with checkpoints is refused (its later steps would pass for the newest); a log with no checkpoint is dropped."
+    cfg = T.AlignConfig(**SMALL, steps=2, ckpt_every=2)
+    data, bb = T.load_captions(folder, "train"), random_backbone(get_recipe("tiny_v2"))
+    kw = dict(cache_dir=tmp_path / "cache", verbose=False, progress=False)
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.0}) + "\n")   # a run killed before its first checkpoint
+    T.AlignTrainer(cfg, bb, data, tmp_path / "fresh", **kw).fit(progress=False)
+    assert [m["step"] for m in read_metrics(tmp_path / "fresh")] == [1, 2]
+    with pytest.raises(ValueError, match="already holds a dino.txt run \\(1 checkpoint"):
+        T.AlignTrainer(cfg, bb, data, tmp_path / "fresh", **kw)
+    assert T.AlignTrainer(cfg, bb, data, tmp_path / "fresh", resume=True, **kw).step == 2
+
+
 def test_tokenizer_text_tower_mismatch_on_load(folder, tmp_path):
     cfg = T.AlignConfig(**SMALL, steps=1, ckpt_every=1)
     tr = T.AlignTrainer(cfg, random_backbone(get_recipe("tiny_v2")), T.load_captions(folder, "train"), tmp_path / "run",

@@ -1,7 +1,7 @@
 """TextQueryWidget (chapter 27) in a real browser: type a word, see where it is.
 
 The model is the chapter's: `tiny_align_config()` (240 steps, batch 128, 128 px) on all captions-mini training photos,
-on the trained tiny_v2 backbone (`$DINO_ALIGN_BACKBONE`, runs/tiny_v2 or ../shared_runs/tiny_v2; the test is skipped
+on the trained tiny backbone (`$DINO_ALIGN_BACKBONE`, runs/tiny or ../shared_runs/tiny; the test is skipped
 without one). Training is deterministic, so a finished run of that configuration on that backbone in
 runs/text_align/trained_cls_patch (written by the chapter or benchmarks/text_align.py) is reused; otherwise it is
 trained here (about 3 CPU minutes). Voila serves a notebook with the widget on the CamVid frame with the largest share
@@ -37,7 +37,7 @@ NOTEBOOK_CELLS = [
 
 
 def _trained_backbone():
-    for c in (os.environ.get("DINO_ALIGN_BACKBONE"), REPO_ROOT / "runs/tiny_v2", REPO_ROOT.parent / "shared_runs/tiny_v2"):
+    for c in (os.environ.get("DINO_ALIGN_BACKBONE"), REPO_ROOT / "runs/tiny", REPO_ROOT.parent / "shared_runs/tiny"):
         if c and list(Path(c).glob("checkpoints/step_*.safetensors")): return Path(c)
 
 
@@ -50,7 +50,7 @@ def aligned_run(shared_data, tmp_path_factory):
     from dino_from_scratch.text import AlignTrainer, latest_align_checkpoint, load_captions, state_digest, tiny_align_config
     if not (shared_data / "camvid").is_dir() or not (shared_data / "captions-mini").is_dir(): pytest.skip("camvid/captions-mini missing")
     src = _trained_backbone()
-    if src is None: pytest.skip("no trained tiny_v2 run (dino-train --recipe tiny_v2, or set DINO_ALIGN_BACKBONE)")
+    if src is None: pytest.skip("no trained tiny run (dino-train --recipe tiny, or set DINO_ALIGN_BACKBONE)")
     torch.set_num_threads(1)
     bb, cfg = load_backbone(src)[0], tiny_align_config()
     found = latest_align_checkpoint(REPO_ROOT / "runs/text_align/trained_cls_patch", verbose=False)
