@@ -12,35 +12,22 @@ gradient back to the same norm (with the recipe's clip at 3.0 the summing run ma
 At the recipe's lr (a few 1e-5 per step): Adam turns float noise of near-zero gradients into weight
 differences proportional to the lr (at lr 0.01: up to 4e-5 on the student, losses and moments still <= 2e-6).
 """
-import json, socket, subprocess, sys
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dino_test_utils import REPO_ROOT, VENV_BIN, cli_env, make_small_folder  # noqa: E402
+from dino_test_utils import launch_ranks, make_small_folder  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_equality_step.py"
 STEPS, GLOBAL_BATCH, TOL = 3, 8, 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, folder: Path, world: int, env_extra: dict | None = None) -> list[dict]:
     "Run the script on `world` processes (accelerate launch, gloo) or directly (world 1); the ranks' json dumps."
-    env = cli_env() | {"ACCELERATE_USE_CPU": "true"} | (env_extra or {})
-    args = [str(SCRIPT), str(out), str(folder), str(STEPS), str(GLOBAL_BATCH // world)]
-    if world == 1: cmd = [str(VENV_BIN / "python"), *args]
-    else: cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
-    assert p.returncode == 0, f"run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return launch_ranks(SCRIPT, out, world, folder, STEPS, GLOBAL_BATCH // world, env_extra=env_extra)
 
 
 def final_checkpoint(out: Path) -> dict:

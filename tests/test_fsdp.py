@@ -4,14 +4,14 @@ fake 8-rank world on the `meta` device, and the per-block pieces (activation che
 The 2-process runs use tests/scripts/fsdp_step.py: a tiny DINOv3 recipe (Gram term on) with every rank-dependent
 random draw switched off, so 2 ranks x 4 images must reproduce 1 rank x 8 images.
 """
-import json, socket, subprocess, sys
+import json, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dino_test_utils import REPO_ROOT, VENV_BIN, cli_env, make_small_folder, one_thread  # noqa: E402,F401
+from dino_test_utils import REPO_ROOT, VENV_BIN, cli_env, launch_ranks, make_small_folder, one_thread  # noqa: E402,F401
 
 from dino_from_scratch import sharding, cli  # noqa: E402
 from dino_from_scratch.sharding import ShardConfig  # noqa: E402
@@ -20,22 +20,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_step.py"
 N_7B = 6_716_043_264          # DINOv3 ViT-7B/16 parameters (DESIGN.md section 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, folder: Path, world: int, steps: int, batch: int, *extra: str) -> list[dict]:
     "Run fsdp_step.py on `world` processes (accelerate, gloo) or in this interpreter's venv directly (world 1)."
-    env = cli_env() | {"ACCELERATE_USE_CPU": "true"}
-    args = [str(SCRIPT), str(out), str(folder), str(steps), str(batch), *extra]
-    if world == 1: cmd = [str(VENV_BIN / "python"), *args]
-    else: cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
-    assert p.returncode == 0, f"fsdp run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return launch_ranks(SCRIPT, out, world, folder, steps, batch, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -733,22 +733,8 @@ def test_timm_dinov3_7b_config_from_shapes():
 
 
 # ------------------------------------------------------------------ DINOv3 ConvNeXt through load_official (chapter 28)
-def _hf_convnext(depths=(1, 2, 2, 1), dims=(32, 48, 64, 96), seed=0):
-    from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
-    return randomize_(DINOv3ConvNextModel(DINOv3ConvNextConfig(depths=list(depths), hidden_sizes=list(dims))), seed)
-
-
-def _hf_convnext_to_hub(hf_sd: dict) -> dict:
-    "The official torch.hub names (dinov3/models/convnext.py), written here by hand: downsample_layers.i.j, stages.i.j.dwconv ..."
-    out, names = {}, {"depthwise_conv": "dwconv", "layer_norm": "norm", "pointwise_conv1": "pwconv1", "pointwise_conv2": "pwconv2"}
-    for k, v in hf_sd.items():
-        k = k.removeprefix("model.")
-        if k.startswith("layer_norm."): out["norm." + k.split(".")[-1]] = v; continue
-        if (m := re.fullmatch(r"stages\.(\d+)\.downsample_layers\.(\d+)\.(weight|bias)", k)):
-            out[f"downsample_layers.{m[1]}.{m[2]}.{m[3]}"] = v; continue
-        m = re.fullmatch(r"stages\.(\d+)\.layers\.(\d+)\.(\w+?)(?:\.(weight|bias))?", k)
-        out[f"stages.{m[1]}.{m[2]}.{names.get(m[3], m[3])}" + (f".{m[4]}" if m[4] else "")] = v
-    return out | {"norms.3.weight": out["norm.weight"].clone(), "norms.3.bias": out["norm.bias"].clone()}
+# the random-weight transformers model and its torch.hub renaming are tests/test_convnext.py's
+from test_convnext import hf_model as _hf_convnext, hf_to_hub as _hf_convnext_to_hub  # noqa: E402
 
 
 @pytest.mark.parametrize("layout", ["hf", "hf_folder", "hub"])

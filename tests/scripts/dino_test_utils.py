@@ -74,3 +74,24 @@ def fresh(ds):
     "A new ImageDataset over the same files (a trainer sets its own transform and seed on the dataset it gets)."
     from dino_from_scratch import data
     return data.ImageDataset(ds.sources, ds.labels, classes=ds.classes, name=ds.name)
+
+
+def free_port() -> int:
+    "A TCP port that is free right now on 127.0.0.1 (for a process group's rendezvous)."
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(script: Path, out: Path, world: int, *args: str, env_extra: dict | None = None, timeout: int = 300) -> list[dict]:
+    """Run `script out *args` on `world` CPU processes (`accelerate launch`, gloo) or directly in the venv's Python (world
+    1), and return the json each rank wrote to `out/rank{r}.json`."""
+    env = cli_env() | {"ACCELERATE_USE_CPU": "true"} | (env_extra or {})
+    argv = [str(script), str(out), *map(str, args)]
+    if world == 1: cmd = [str(VENV_BIN / "python"), *argv]
+    else: cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *argv]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    assert p.returncode == 0, f"{Path(script).name} on {world} process(es) failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
