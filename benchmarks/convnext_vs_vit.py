@@ -50,17 +50,21 @@ def load_convnext_run(out, cfg: ConvNeXtConfig, which: str = "teacher") -> ConvN
     return model.eval(), meta["step"]
 
 
+def median_cpu_per_step(tr, n: int = 6) -> float:
+    "CPU seconds per train step of a built trainer, data loading included (median of steps 2..n: step 1 warms up)."
+    ts, c0 = [], time.process_time()
+    for i, (crops, _, _) in enumerate(tr.loader()):
+        tr.train_step(crops)
+        ts.append(time.process_time() - c0); c0 = time.process_time()
+        if i + 1 == n: break
+    return sorted(ts[1:])[len(ts[1:]) // 2]
+
+
 def cpu_per_step(cls, recipe, n: int = 6) -> float:
     "CPU seconds per train step, data loading included (num_workers=0), of a trainer class (median of steps 2..n)."
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        tr, ts = cls(recipe, d, verbose=False), []
-        c0 = time.process_time()
-        for i, (crops, _, _) in enumerate(tr.loader()):
-            tr.train_step(crops)
-            ts.append(time.process_time() - c0); c0 = time.process_time()
-            if i + 1 == n: break
-    return sorted(ts[1:])[len(ts[1:]) // 2]
+        return median_cpu_per_step(cls(recipe, d, verbose=False), n)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from convnext_vs_vit import CPU_CONVNEXT, ConvNeXtV2Trainer, cpu_seconds_per_image, load_convnext_run  # noqa: E402
+from convnext_vs_vit import CPU_CONVNEXT, ConvNeXtV2Trainer, cpu_seconds_per_image, load_convnext_run, median_cpu_per_step  # noqa: E402
 
 from dino_from_scratch.checkpoint import latest_good_checkpoint  # noqa: E402
 from dino_from_scratch.config import DistillConfig, override, recipe_from_dict  # noqa: E402
@@ -61,13 +61,7 @@ def make_trainer(arm: str, recipe, out, dataset, teacher: str):
 def pilot(arm, recipe, dataset, teacher, n: int = 6) -> float:
     "CPU seconds per train step (median of steps 2..n), data loading and the teacher's forward included."
     with tempfile.TemporaryDirectory() as d:
-        tr, ts = make_trainer(arm, recipe, d, dataset, teacher), []
-        c0 = time.process_time()
-        for i, (crops, _, _) in enumerate(tr.loader()):
-            tr.train_step(crops)
-            ts.append(time.process_time() - c0); c0 = time.process_time()
-            if i + 1 == n: break
-    return sorted(ts[1:])[len(ts[1:]) // 2]
+        return median_cpu_per_step(make_trainer(arm, recipe, d, dataset, teacher), n)
 
 
 def evaluate(m, recipe) -> dict:
