@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['koleo_loss', 'koleo_per_crop', 'koleo_loss_global']
+__all__ = ['koleo_loss', 'koleo_per_crop', 'koleo_loss_global', 'KoLeoLossConfig']
 
 # %% ../nbs/09_koleo.ipynb #84fd04d0
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8, topk: int = 1) -> torch.Tensor:
@@ -65,3 +65,18 @@ def koleo_loss_global(x: torch.Tensor, group=None, eps: float = 1e-8) -> torch.T
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1): return koleo_loss(x, eps)
     q = F.normalize(x.float(), p=2, dim=-1, eps=eps)
     return _nn_loss(q, _GatherRows.apply(q, group), dist.get_rank(group) * q.shape[0], eps)
+
+# %% ../nbs/09_koleo.ipynb #2ce83922
+from dataclasses import dataclass
+from .dino import DINOLossConfig
+
+@dataclass
+class KoLeoLossConfig(DINOLossConfig):
+    "`DINOLossConfig` (chapter 02) plus DINOv2's KoLeo regulariser on the student's CLS tokens."
+    koleo_weight: float = 0.0              # DINOv2 `dino.koleo_loss_weight`: 0.1; 0 = off (DINOv1)
+    koleo_group: int = 1                   # processes whose batches KoLeo searches: 1 = its own (DINOv2), 0 = all, g = groups of g
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.koleo_weight < 0: raise ValueError(f"loss.koleo_weight must be >= 0, got {self.koleo_weight}")
+        if self.koleo_group < 0: raise ValueError(f"loss.koleo_group must be >= 0 (0 = all processes), got {self.koleo_group}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
-__all__ = ['warmup_cosine_constant', 'ScheduleV2']
+__all__ = ['warmup_cosine_constant', 'ScheduleV2', 'DINOv3LossConfig']
 
 # %% ../nbs/20_schedules_v3.ipynb #94f9eda5
 def warmup_cosine_constant(start: float, peak: float, end: float, warmup: int, total: int,
@@ -46,3 +46,16 @@ class ScheduleV2:
         it = lambda e: int(round(e * epoch_len))
         return warmup_cosine_constant(self.start, self.peak, self.end, it(self.warmup_epochs), it(total_epochs),
                                       None if self.cosine_epochs is None else it(self.cosine_epochs))
+
+# %% ../nbs/20_schedules_v3.ipynb #c0d7adb7
+from .koleo import KoLeoLossConfig
+
+@dataclass
+class DINOv3LossConfig(KoLeoLossConfig):
+    "`KoLeoLossConfig` (chapter 09) plus DINOv3's schedule of the local-crop DINO weight: the recipe's `loss` section."
+    local_weight_schedule: dict | None = None  # {start, peak, end, warmup_epochs, cosine_epochs}; None = 1 (DINOv1/v2)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.local_weight_schedule is not None:
+            ScheduleV2.from_dict(self.local_weight_schedule, "loss.local_weight_schedule")
