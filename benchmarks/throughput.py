@@ -10,7 +10,9 @@ change in the machine's load hits every arm alike; the ratios compare medians ov
 
 Arms (fields set on top of the recipe):
   before        the tiny recipes' settings before issue 12: PIL multi-crop in 2 loader workers, 2 torch threads, fp32
-  batched_1p    the batched pipeline (chapter 00) in 1 worker, threads chosen by the trainer (1 on 2 cores), 1 process
+  batched_1p    the batched pipeline (chapter 00) in 1 worker, threads and CPU bf16 autocast chosen by the trainer
+                (`run.mixed_precision=auto`: 1 thread and bf16 on this 2-core AMX CPU), 1 process
+  batched_1p_fp32  the same in fp32 (what the bf16 autocast adds)
   batched_2p    the same in 2 data-parallel processes (gloo) with 1 thread each, the global batch unchanged
   batched_2p_0w the same without loader workers (each process crops its own batch)
 """
@@ -19,8 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
-    "before":        ["data.crops.backend=pil", "data.num_workers=2", "run.threads=2", "run.processes=1"],
+    "before":        ["data.crops.backend=pil", "data.num_workers=2", "run.threads=2", "run.processes=1", "run.mixed_precision=no"],
     "batched_1p":    ["data.crops.backend=batched", "data.num_workers=1", "run.processes=1"],
+    "batched_1p_fp32": ["data.crops.backend=batched", "data.num_workers=1", "run.processes=1", "run.mixed_precision=no"],
     "batched_2p":    ["data.crops.backend=batched", "data.num_workers=1", "run.processes=2", "HALF_BATCH"],
     "batched_2p_0w": ["data.crops.backend=batched", "data.num_workers=0", "run.processes=2", "HALF_BATCH"],
 }

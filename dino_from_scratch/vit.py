@@ -83,7 +83,7 @@ class ViTConfig:
         if not 0 <= self.interpolate_offset < 1:
             raise ValueError(f"model.interpolate_offset must be in [0, 1) (DINOv1/v2 use 0.1), got {self.interpolate_offset}")
 
-# %% ../nbs/01_vit.ipynb #6ae0500e
+# %% ../nbs/01_vit.ipynb #5b4fcd95
 class PatchEmbed(nn.Module):
     "Image [B, C, H, W] -> patch tokens [B, (H/p)(W/p), D] by a stride-p convolution."
     def __init__(self, patch_size=16, in_chans=3, embed_dim=384):
@@ -91,9 +91,16 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
     def forward(self, x):
-        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+        if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+            return rearrange(self.proj(x), "b d h w -> b (h w) d")
+        # CPU bf16 autocast: the same product as one matmul on flattened patches (see below: the convolution's bf16
+        # backward is 3x slower than its fp32 one there; the matmul uses the CPU's bf16 units)
+        p = self.patch_size
+        x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p]   # like the convolution, drop a partial last patch
+        return F.linear(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p), self.proj.weight.flatten(1),
+                        self.proj.bias)
 
-# %% ../nbs/01_vit.ipynb #d77108cd
+# %% ../nbs/01_vit.ipynb #8278069c
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, mask_k_bias=False):
         super().__init__()
@@ -116,6 +123,9 @@ class Attention(nn.Module):
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)
             out = attn @ v
+        elif q.device.type == "cpu" and q.dtype == torch.bfloat16:   # CPU bf16: the fused kernel in fp32 (see below)
+            with torch.autocast("cpu", enabled=False):                 # (autocast would cast the inputs back to bf16)
+                attn, out = None, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             attn, out = None, F.scaled_dot_product_attention(q, k, v)
         out = self.proj(rearrange(out, "b h t d -> b t (h d)"))

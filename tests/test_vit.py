@@ -121,3 +121,32 @@ def test_meta_build_then_materialise():
     with torch.no_grad():
         y = m(torch.randn(1, 3, 32, 48))
     assert y.shape == (1, 384) and torch.isfinite(y).all()
+
+
+def test_cpu_bf16_paths_match_fp32_forward_and_gradients():
+    """Under CPU bf16 autocast the patch embedding runs as a matmul on flattened patches and attention runs in fp32
+    (chapter 01: two slow PyTorch CPU kernels avoided). Same weights, so forward and gradients must match the fp32
+    model within bf16 rounding; a wrong patch order or a dropped attention would be off by O(1)."""
+    torch.manual_seed(0)
+    m = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2))
+    x = torch.randn(3, 3, 32, 32)
+    f = lambda d: torch.cat([d["cls"][:, None], d["patches"]], 1)
+    ref = f(m.forward_features(x))
+    g_ref = torch.autograd.grad(ref.square().sum(), m.patch_embed.proj.weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(m.forward_features(x))
+    assert out.shape == ref.shape                        # (the final LayerNorm returns fp32 under autocast)
+    err = (out.float() - ref).abs().max().item()
+    assert err < 0.1, err                                # LayerNorm outputs ~N(0, 1): bf16 rounding through 2 blocks
+    g = torch.autograd.grad(out.float().square().sum(), m.patch_embed.proj.weight)[0]
+    cos = torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0).item()
+    assert cos > 0.99, cos
+    # the patch order: swapping two patches of the input swaps the two tokens (a transposed unfold would not)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t = m.patch_embed(x)
+        xs = x.clone(); xs[..., 0:8, 8:16], xs[..., 8:16, 0:8] = x[..., 8:16, 0:8], x[..., 0:8, 8:16]
+        ts = m.patch_embed(xs)
+        t_wide = m.patch_embed(torch.cat([x, torch.randn(3, 3, 32, 5)], -1))   # a partial last column is dropped, like the conv
+    assert t.dtype == torch.bfloat16                     # the bf16 matmul path ran
+    torch.testing.assert_close(ts[:, 1], t[:, 4]); torch.testing.assert_close(ts[:, 4], t[:, 1])
+    torch.testing.assert_close(t_wide, t)
