@@ -16,7 +16,7 @@ from .sinkhorn import sinkhorn_knopp          # an option of DINOLoss, taught in
 # %% auto #0
 __all__ = ['HeadConfig', 'WeightNormLinear', 'DINOHead', 'DINOLossConfig', 'DINOLoss', 'teacher_stats']
 
-# %% ../nbs/02_dino_loss.ipynb #c5f57e87
+# %% ../nbs/02_dino_loss.ipynb #398143fd
 @dataclass
 class HeadConfig:
     "DINO head; defaults are DINOv1's (`main_dino.py`: out_dim 65536, 3 layers, hidden 2048, bottleneck 256)."
@@ -71,7 +71,9 @@ class DINOHead(nn.Module):
 
     def forward(self, x):
         x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        if not torch.is_autocast_enabled(x.device.type): return self.last_layer(x)
+        with torch.autocast(x.device.type, enabled=False):   # prototypes in fp32 under autocast (why: below)
+            return self.last_layer(x.float())
 
 # %% ../nbs/02_dino_loss.ipynb #c0b609f0
 @dataclass
