@@ -267,7 +267,7 @@ def dinov1_vitb16() -> Recipe:
         "name": "dinov1_vitb16", "model.embed_dim": 768, "model.num_heads": 12, "optim.epochs": 100,
         "head.norm_last_layer": True, "loss.teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 0}))
 
-# %% ../nbs/04_config.ipynb #54c0a38d
+# %% ../nbs/04_config.ipynb #29b33c4a
 def tiny_v1() -> Recipe:
     "DINOv1 shrunk to learn in ~20 minutes on a 2-core CPU on 128 px Imagenette (see the training chapter and LOG.md)."
     return derive(Recipe(), {
@@ -312,12 +312,13 @@ def tiny_v3() -> Recipe:
 def tiny() -> Recipe:
     """The flagship, what `dino-train` trains by default: `tiny_v2`'s objective (DINOv2's, the best measured at this
     scale: chapter 12) on the batched pipeline (chapter 00: images decoded once, crops augmented on tensors in one
-    loader worker), for the 8 epochs that 13 minutes afford on a 2-core CPU, so that the README's first command,
-    set-up and report included, ends within 20 minutes. Evaluated and drawn at 128 px, an 8x8 patch grid (twice the
-    training crops; chapter 14 interpolates the position table). Batch 32 in one process: two processes of 32 train
-    1.34x faster but, at the same wall clock, reached 42.2% k-NN against 43.1% (LOG.md, 2026-12-03)."""
+    loader worker) with CPU bf16 autocast where it pays (`run.mixed_precision=auto`, chapters 00 and 01), for the 10
+    epochs that about 11 minutes afford on a 2-core CPU, so that the README's first command, set-up and report
+    included, ends within 20 minutes. Evaluated and drawn at 128 px, an 8x8 patch grid (twice the training crops;
+    chapter 14 interpolates the position table). Batch 32 in one process: two processes of 32 train 1.34x faster but,
+    at the same wall clock, reached 42.2% k-NN against 43.1% (LOG.md, 2026-12-03)."""
     return derive(tiny_v2(), {"name": "tiny", "data.crops.backend": "batched", "data.num_workers": 1, "data.eval_size": 128,
-                              "optim.epochs": 8, "run.ckpt_every": 233, "run.keep_checkpoints": 8})
+                              "optim.epochs": 10, "run.ckpt_every": 233, "run.keep_checkpoints": 10})
 
 # %% ../nbs/04_config.ipynb #81f11db4
 _V2 = "facebookresearch/dinov2 dinov2/configs/"

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['IMG_EXTENSIONS', 'SPLIT_ALIASES', 'IMAGENETTE_URL', 'IMAGENET_MEAN', 'IMAGENET_STD', 'N_UNIFORMS', 'BF16_MIN_WIDTH',
-           'split_dir', 'list_images', 'BadImage', 'load_rgb', 'ImageDataset', 'project_data_dir',
-           'download_imagenette', 'sample_photos', 'resolve_data', 'read_image_list', 'MultiCropConfig',
-           'RandomGaussianBlur', 'MultiCrop', 'collate_crops', 'denormalize', 'show_views', 'fit_image', 'ImageCache',
-           'crop_boxes', 'sample_crop_params', 'batched_resized_crop', 'batched_flip', 'batched_color_jitter',
-           'batched_grayscale', 'batched_gaussian_blur', 'batched_solarize', 'BatchedMultiCrop', 'reference_views',
-           'batch_as_is', 'CachedMultiCrop', 'multicrop_data', 'crop_loader', 'cpu_plan']
+           'ALL_CORES_MIN_WIDTH', 'split_dir', 'list_images', 'BadImage', 'load_rgb', 'ImageDataset',
+           'project_data_dir', 'download_imagenette', 'sample_photos', 'resolve_data', 'read_image_list',
+           'MultiCropConfig', 'RandomGaussianBlur', 'MultiCrop', 'collate_crops', 'denormalize', 'show_views',
+           'fit_image', 'ImageCache', 'crop_boxes', 'sample_crop_params', 'batched_resized_crop', 'batched_flip',
+           'batched_color_jitter', 'batched_grayscale', 'batched_gaussian_blur', 'batched_solarize', 'BatchedMultiCrop',
+           'reference_views', 'batch_as_is', 'CachedMultiCrop', 'multicrop_data', 'crop_loader', 'cpu_plan']
 
 # %% ../nbs/00_data.ipynb #83e197de
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -616,7 +616,7 @@ def crop_loader(data, batch_sampler, num_workers: int = 0) -> DataLoader:
                       collate_fn=batch_as_is if isinstance(data, CachedMultiCrop) else collate_crops,
                       generator=torch.Generator().manual_seed(0), prefetch_factor=4 if num_workers else None)
 
-# %% ../nbs/00_data.ipynb #b3380651
+# %% ../nbs/00_data.ipynb #166e9f47
 def _native_bf16() -> bool:
     "Whether this CPU has native bf16 matrix instructions (oneDNN's check; AVX512-BF16 or AMX)."
     try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -624,11 +624,16 @@ def _native_bf16() -> bool:
 
 def cpu_plan(backend: str = "batched", cpus: int | None = None, embed_dim: int | None = None) -> dict:
     """Torch threads and loader workers for a CPU-only run on `cpus` cores (default: those this process may use), and
-    whether bf16 autocast pays: a CPU that multiplies bf16 natively and a model at least 192 wide (measured below)."""
+    whether bf16 autocast pays: a CPU that multiplies bf16 natively and a model at least 64 wide (measured below)."""
     if backend not in ("pil", "batched"): raise ValueError(f"backend must be 'pil' or 'batched', got {backend!r}")
     cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     workers = 0 if cpus == 1 else max(1, cpus // 8) if backend == "batched" else max(1, cpus // 2)
     bf16 = _native_bf16() and (embed_dim or 0) >= BF16_MIN_WIDTH
-    return {"threads": max(1, cpus - workers), "num_workers": workers, "bf16": bf16}
+    # a wide model's step dwarfs the crops, so it takes every core and the loader borrows one now and then (measured below)
+    threads = cpus if (embed_dim or 0) >= ALL_CORES_MIN_WIDTH else max(1, cpus - workers)
+    return {"threads": threads, "num_workers": workers, "bf16": bf16}
 
-BF16_MIN_WIDTH = 192   # below it the casts cost more than the bf16 matmuls save (tiny recipes, width 128: 0.92-0.95x)
+BF16_MIN_WIDTH = 64    # measured to pay from width 64 (1.19x a step) and 128 (1.2-1.4x) up, once chapter 01 routes the
+                       # patch embedding and attention around PyTorch's slow CPU bf16 kernels (before that: 0.92-0.95x)
+ALL_CORES_MIN_WIDTH = 192  # ViT-tiny/8 at 64 px, batch 64 (issue 12's peer configuration), 1 loader worker: 19.9 images/s
+                           # with 2 threads vs 11.5 with 1; `tiny` (width 128): 2 threads 0.86x (the worker is busy 1/3 of the time)
