@@ -37,13 +37,14 @@ __all__ = ['SKIP_KINDS', 'TEXT_KEYS', 'SPECIAL_TOKENS', 'IMAGENETTE_NAMES', 'IMA
            'CaptionSet', 'load_captions', 'captions_from_hf', 'load_caption_data', 'CaptionTokenizer',
            'CausalSelfAttention', 'TextBlock', 'TextTransformer', 'eot_position', 'TextHead', 'TextTower', 'VisionHead',
            'VisionTower', 'AlignConfig', 'tiny_align_config', 'config_from_dict', 'DinoTxt', 'distributed',
-           'gather_all', 'contrastive_loss', 'load_square', 'normalize_images', 'backbone_tokens', 'state_digest',
-           'cached_tokens', 'lr_at', 'no_decay', 'align_param_groups', 'save_align_checkpoint', 'read_align_checkpoint',
-           'list_align_checkpoints', 'latest_align_checkpoint', 'AlignLoop', 'AlignTrainer', 'check_tokenizer_fits',
-           'load_aligned', 'embed_tokens', 'embed_texts', 'text_part', 'class_embeddings', 'retrieval_metrics',
-           'zero_shot_accuracy', 'segment', 'pointing_game', 'open_vocab_segmentation', 'default_imagenette',
-           'evaluate_aligned', 'rename_dinotxt', 'dinotxt_config', 'load_official_dinotxt', 'TextQueryWidget',
-           'parse_sets', 'resolve_backbone_arg', 'align_parser', 'main']
+           'gather_all', 'contrastive_loss', 'patch_text_similarity', 'patch_text_loss', 'load_square',
+           'normalize_images', 'backbone_tokens', 'state_digest', 'cached_tokens', 'lr_at', 'no_decay',
+           'align_param_groups', 'save_align_checkpoint', 'read_align_checkpoint', 'list_align_checkpoints',
+           'latest_align_checkpoint', 'AlignLoop', 'AlignTrainer', 'check_tokenizer_fits', 'load_aligned',
+           'embed_tokens', 'embed_texts', 'text_part', 'class_embeddings', 'retrieval_metrics', 'zero_shot_accuracy',
+           'segment', 'pointing_game', 'open_vocab_segmentation', 'default_imagenette', 'evaluate_aligned',
+           'rename_dinotxt', 'dinotxt_config', 'load_official_dinotxt', 'TextQueryWidget', 'parse_sets',
+           'resolve_backbone_arg', 'align_parser', 'main']
 
 # %% ../nbs/27_text.ipynb #69c96d65
 def default_captions() -> Path:
@@ -349,7 +350,7 @@ class VisionTower(nn.Module):
         return torch.cat(parts, -1), patches
     def forward(self, x): return self.from_tokens(self.backbone_tokens(x))
 
-# %% ../nbs/27_text.ipynb #283d9359
+# %% ../nbs/27_text.ipynb #1d080b3f
 @dataclass
 class AlignConfig:
     "A dino.txt model and its training. Official values: `dinov3/eval/text/configs/dinov3_vitl_text.yaml`, `text_backbone.yaml`."
@@ -371,6 +372,9 @@ class AlignConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # init_logit_scale: 2.659 (SigLIP uses log 10 with the sigmoid loss)
     init_logit_bias: float = -10.0    # sigmoid loss only (SigLIP)
     max_logit_scale: float = math.log(100)        # clamp after each step (train_dinotxt.py)
+    patch_loss: str = "none"          # "none": dino.txt (the patch half sees only the patch mean) | "topk": + a per-patch term
+    patch_loss_weight: float = 1.0    # weight of the per-patch term (not in dino.txt; FILIP/SPARC-like, see "A per-patch term")
+    patch_loss_topk: int = 8          # the term pools each image-text pair's k most similar patches (1 = FILIP's max)
     # optimisation (official: batch 256, lr 7e-4, wd 1e-4, betas 0.9/0.99, eps 1e-8, 50k steps, 2k warm-up, cosine)
     batch_size: int = 256
     lr: float = 7e-4
@@ -392,6 +396,9 @@ class AlignConfig:
             if int(getattr(self, k)) < 1: raise ValueError(f"{k} must be a positive integer, got {getattr(self, k)}")
         if self.text_dim % self.text_heads: raise ValueError(f"text_dim {self.text_dim} must be divisible by text_heads {self.text_heads}")
         if not 0 <= self.head_drop_path < 1: raise ValueError(f"head_drop_path must be in [0, 1), got {self.head_drop_path}")
+        if self.patch_loss not in ("none", "topk"): raise ValueError(f"patch_loss must be 'none' or 'topk', got {self.patch_loss!r}")
+        if self.patch_loss != "none" and not self.use_patches: raise ValueError("patch_loss needs use_patches=True (the patch half)")
+        if int(self.patch_loss_topk) < 1: raise ValueError(f"patch_loss_topk must be a positive integer, got {self.patch_loss_topk}")
 
 def tiny_align_config(**overrides) -> AlignConfig:
     "This chapter's CPU-scale run: batch 128 (official 256), 240 steps (5 epochs of captions-mini; official 50k), 10 warm-up steps."
@@ -404,7 +411,7 @@ def config_from_dict(d: dict) -> AlignConfig:
     if bad: raise KeyError(f"unknown AlignConfig field(s) {bad}; known: {sorted(known)}")
     return AlignConfig(**d)
 
-# %% ../nbs/27_text.ipynb #c6f35855
+# %% ../nbs/27_text.ipynb #26b90b3a
 class DinoTxt(nn.Module):
     "dino.txt: frozen backbone + trainable vision head, a text tower, a learnable temperature (and bias for the sigmoid loss)."
     def __init__(self, backbone: VisionTransformer, cfg: AlignConfig = AlignConfig(), vocab_size: int | None = None,
@@ -430,8 +437,9 @@ class DinoTxt(nn.Module):
         t = self.text_model(ids)
         return F.normalize(t, dim=-1) if normalize else t
     def forward(self, tokens: torch.Tensor, ids: torch.Tensor):
-        "(image embeddings, text embeddings) normalised, the scale e^logit_scale, the bias (or None)."
-        return self.encode_tokens(tokens)[0], self.encode_text(ids), self.logit_scale.exp(), self.logit_bias
+        "(image embeddings, text embeddings) normalised, the scale e^logit_scale, the bias (or None), the head patch tokens."
+        img, patches = self.encode_tokens(tokens)
+        return img, self.encode_text(ids), self.logit_scale.exp(), self.logit_bias, patches
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]: return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
@@ -470,6 +478,21 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
         z = -torch.ones_like(logits); z[torch.arange(n), target] = 1
         return -F.logsigmoid(z * logits).sum() / n
     raise ValueError(f"unknown loss {kind!r} (use 'clip' or 'sigmoid')")
+
+# %% ../nbs/27_text.ipynb #eda2f3bf
+def patch_text_similarity(patches: torch.Tensor, txt: torch.Tensor, k: int = 8) -> torch.Tensor:
+    "[images, texts]: per pair, the mean of the k largest cosines between the image's patch tokens [B, M, E'] and the text [T, E']."
+    s = torch.einsum("bme,te->btm", F.normalize(patches, dim=-1), F.normalize(txt, dim=-1))
+    return s.topk(min(k, s.shape[-1]), dim=-1).values.mean(-1)
+
+def patch_text_loss(patches: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, k: int = 8) -> torch.Tensor:
+    "Symmetric InfoNCE on `patch_text_similarity`, this process's pairs against all processes' patches and texts."
+    n = patches.shape[0]
+    target = torch.arange(n, device=patches.device) + (dist.get_rank() if distributed() else 0) * n
+    all_p, all_t = gather_all(patches), gather_all(txt)
+    rows = scale * patch_text_similarity(patches, all_t, k)             # my images against every text
+    cols = scale * patch_text_similarity(all_p, txt, k).T               # my texts against every image
+    return (F.cross_entropy(rows, target) + F.cross_entropy(cols, target)) / 2
 
 # %% ../nbs/27_text.ipynb #eb92f6e7
 def load_square(src, size: int) -> torch.Tensor:
@@ -589,7 +612,7 @@ def latest_align_checkpoint(out, verbose: bool = True):
             if verbose: print(f"[checkpoint] {e}; trying the previous one", file=sys.stderr)
     return None
 
-# %% ../nbs/27_text.ipynb #febff6be
+# %% ../nbs/27_text.ipynb #508ba0cb
 class AlignLoop:
     "Step, fit, log, save and resume of `AlignTrainer` (the set-up, `batch` and the data are in `AlignTrainer`)."
     def train_step(self) -> dict:
@@ -600,8 +623,11 @@ class AlignLoop:
         for g in self.opt.param_groups: g["lr"] = lr
         self.ddp.train()
         with acc.autocast():
-            img, txt, scale, bias = self.ddp(tokens.to(acc.device), ids.to(acc.device))
+            img, txt, scale, bias, patches = self.ddp(tokens.to(acc.device), ids.to(acc.device))
         loss = contrastive_loss(img.float(), txt.float(), scale.float(), None if bias is None else bias.float(), cfg.loss)
+        if cfg.patch_loss == "topk":                    # the option; dino.txt itself has no per-patch term
+            half = txt[:, txt.shape[1] // 2:] if cfg.use_cls else txt
+            loss = loss + cfg.patch_loss_weight * patch_text_loss(patches.float(), half.float(), scale.float(), cfg.patch_loss_topk)
         self.opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         self.opt.step()

@@ -202,6 +202,38 @@ def test_clip_loss_by_hand_and_its_gradient():
     with pytest.raises(ValueError, match="unknown loss"): T.contrastive_loss(v, t, s, kind="hinge")
 
 
+def test_patch_loss_by_hand():
+    "The per-patch option (not dino.txt): top-k mean of patch cosines per pair, then symmetric InfoNCE; 2 images x 2 patches."
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    P = torch.stack([torch.stack([e1, e1]), torch.stack([e2, -e1])]) * 3.0   # unnormalised: the cosine normalises
+    U = torch.stack([e1, -e1])
+    assert torch.allclose(T.patch_text_similarity(P, U, 1), torch.tensor([[1.0, -1.0], [0.0, 1.0]]))
+    assert torch.allclose(T.patch_text_similarity(P, U, 2), torch.tensor([[1.0, -1.0], [-0.5, 0.5]]))
+    s = torch.tensor(2.0)
+    # k = 1, S = [[1, -1], [0, 1]], scale 2: rows log(1+e^-4), log(1+e^-2); columns log(1+e^-2), log(1+e^-4)
+    by_hand = (math.log(1 + math.exp(-4)) + math.log(1 + math.exp(-2))) / 2
+    assert abs(T.patch_text_loss(P, U, s, 1).item() - by_hand) < 1e-6
+    # k = 2, S = [[1, -1], [-0.5, 0.5]]: rows log(1+e^-4), log(1+e^-2); columns log(1+e^-3) twice
+    by_hand2 = (math.log(1 + math.exp(-4)) + math.log(1 + math.exp(-2))) / 4 + math.log(1 + math.exp(-3)) / 2
+    assert abs(T.patch_text_loss(P, U, s, 2).item() - by_hand2) < 1e-6
+    with pytest.raises(ValueError, match="needs use_patches"): T.AlignConfig(patch_loss="topk", use_patches=False)
+    with pytest.raises(ValueError, match="'none' or 'topk'"): T.AlignConfig(patch_loss="max")
+
+
+def test_patch_loss_option_changes_training_only_when_set(folder, tmp_path):
+    "patch_loss='topk' adds a positive term to the first step's loss; 'none' (the default) is dino.txt's loss alone."
+    data, bb = T.load_captions(folder, "train"), random_backbone(get_recipe("tiny_v2"))
+    kw = dict(cache_dir=tmp_path / "cache", verbose=False, progress=False)
+    plain = T.AlignTrainer(T.AlignConfig(**SMALL, steps=1, ckpt_every=10, head_drop_path=0.0), bb, data, tmp_path / "a", **kw)
+    dense = T.AlignTrainer(T.AlignConfig(**SMALL, steps=1, ckpt_every=10, head_drop_path=0.0, patch_loss="topk", patch_loss_topk=2), bb, data,
+                           tmp_path / "b", **kw)
+    tokens, ids = plain.batch(0)
+    img, txt, scale, _, patches = dense.model(tokens, ids)
+    extra = T.patch_text_loss(patches, txt[:, txt.shape[1] // 2:], scale, 2).item()
+    lp, ld = plain.train_step()["loss"], dense.train_step()["loss"]
+    assert extra > 0 and abs(ld - lp - extra) < 1e-3, (lp, ld, extra)       # same init and batch, no drop-path
+
+
 # ------------------------------------------------------------------ training: exact resume
 def _same_state(a, b):
     sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -290,7 +322,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("loss", ["clip", "sigmoid"])
+@pytest.mark.parametrize("loss", ["clip", "sigmoid", "clip+topk"])
 def test_two_processes_equal_one_on_the_same_global_batch(folder, tmp_path, loss):
     script = Path(__file__).parent / "scripts" / "align_ddp.py"
     env = cli_env() | {"PYTHONPATH": str(REPO_ROOT)}
