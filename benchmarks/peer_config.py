@@ -7,8 +7,8 @@ here. Arms, each a whole `dino-train` process (benchmarks/throughput.py's `run_a
 
   before   the old defaults: PIL multi-crop in 2 loader workers, 2 torch threads, fp32
   fp32     the batched pipeline (chapter 00), 1 loader worker, threads chosen by the trainer, fp32
-  auto     the same with `run.mixed_precision=auto`: bf16 autocast where `data.cpu_plan` says it pays (width >= 192
-           on a CPU with native bf16, which this configuration is)
+  auto     the same with `run.mixed_precision=auto`: bf16 autocast where `data.cpu_plan` says it pays (width >= 64
+           on a CPU with native bf16), and every core as torch threads (width >= 192: this configuration)
 
 `--accuracy-steps N` then trains the fp32 and the bf16 arm for N steps each from the same seed and prints the k-NN
 top-1 (64 px) of both teachers and the largest difference between their logged losses: the accuracy effect of the
