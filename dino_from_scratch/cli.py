@@ -165,7 +165,7 @@ def eval_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("davis", help="video object segmentation by label propagation of patch tokens (DINO; DAVIS J, F, J&F)")
     backbone_args(s, "DAVIS folder with JPEGImages/480p/ and Annotations/480p/ (default $DINO_DAVIS, else ../shared/data/davis2016-mini beside the repo)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random backbone")
-    s.add_argument("--size", default=None, help="input short side (default 320; DINO uses 480) or exact HxW, multiples of the patch size")
+    s.add_argument("--size", default=None, help="input short side (default 480, DINO's protocol) or exact HxW, multiples of the patch size")
     s.add_argument("--sequences", default=None, help="comma-separated sequence names (default: all, from sequences.txt)")
     s.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of each sequence (smoke tests)")
     s.add_argument("--topk", type=int, default=5); s.add_argument("--temperature", type=float, default=0.1)

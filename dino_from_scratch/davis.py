@@ -121,7 +121,7 @@ def propagate_step(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor
     return torch.einsum("ik,ikc->ci", wgt, lab[idx])
 
 # %% ../nbs/15_davis.ipynb #1a42dd08
-DAVIS_SHORT_SIDE = 320   # short side of the network input; DINO uses 480 (eval_video_segmentation.py `read_frame`)
+DAVIS_SHORT_SIDE = 480   # short side of the network input, DINO's (eval_video_segmentation.py `read_frame`, scale_size=[480])
 
 def davis_input_size(frame_hw, patch_size: int, size=None) -> tuple[int, int]:
     "(H, W) of the network input: `size` an int (short side) or None (DAVIS_SHORT_SIDE) -> keep the aspect, both sides floored to multiples of the patch; a pair or 'HxW' -> exactly that (checked)."

@@ -798,23 +798,26 @@ def knn_curve(out, data=None, max_train: int = 2000, k: int = 20, max_points: in
     for p in dict.fromkeys(ckpts): rows.append({"step": _step_of(p), "top1": ev(*load_backbone(p))})
     return rows
 
-def map_panels(model, src, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "The photo at `size` px, the similarity to its centre patch over it, and its PCA colours: three uint8 [H, W, 3]."
+def map_panels(model, src, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The photo at `size` px, the similarity to its centre patch over it, the CLS attention over it (mean over heads,
+    own colour scale) and its foreground PCA colours (`pca_rgb(..., fg_threshold=0)`): four uint8 [H, W, 3]."""
     p = patch_size_of(model)
     img = prepare_image(src, p, size)
     f = patch_features(model, image_tensor(img))
     (h, w), rgb = f.shape[:2], np.asarray(img)
     sim = colorize(patch_similarity(f, (h // 2, w // 2)).numpy(), vmin=-1.0, vmax=1.0)
     sim = mark_patch(overlay(rgb, sim, 0.75), h // 2, w // 2, p)
-    pca = upsample((pca_rgb(f.reshape(h * w, -1), (h, w)) * 255).round().astype(np.uint8), rgb.shape[:2])
-    return rgb, sim, pca
+    att = overlay(rgb, colorize(cls_attention_maps(model, img).mean(0)), 0.75)
+    pca = upsample((pca_rgb(f.reshape(h * w, -1), (h, w), fg_threshold=0.0) * 255).round().astype(np.uint8), rgb.shape[:2])
+    return rgb, sim, att, pca
 
 # %% ../nbs/16_explore.ipynb #24ebf2a5
 def run_report(out, data=None, images=None, n_images: int = 4, size: int = 224, path=None,
                max_train: int = 2000, final: dict | None = None) -> Path:
     """`report.png` of run `out`: the k-NN curve over training (`knn_curve`), then for `n_images` photos (default:
-    spread over `default_viz_folder()`) the similarity and PCA maps of the trained teacher beside random init, at
-    `size` px (224: a 14x14 grid for patch 16). `final`: {'trained': %, 'random': %} for the title."""
+    spread over `default_viz_folder()`) the similarity, CLS-attention and foreground-PCA maps of the trained teacher
+    beside random init (`map_panels`), at `size` px (224: a 14x14 grid for patch 16). `final`: {'trained': %,
+    'random': %} for the title."""
     import matplotlib.pyplot as plt
     out = Path(out)
     model, recipe = load_backbone(out)
@@ -824,8 +827,8 @@ def run_report(out, data=None, images=None, n_images: int = 4, size: int = 224, 
         images = list(resolve_data(data, "val", verbose=False)[0].sources)
     srcs = list(image_sources(images).items())
     srcs = [srcs[i * len(srcs) // n_images] for i in range(min(n_images, len(srcs)))]
-    fig = plt.figure(figsize=(10, 2.4 + 2.0 * len(srcs)), layout="constrained")
-    gs = fig.add_gridspec(len(srcs) + 1, 5, height_ratios=[1.3] + [1] * len(srcs))
+    fig = plt.figure(figsize=(13, 2.6 + 1.9 * len(srcs)), layout="constrained")
+    gs = fig.add_gridspec(len(srcs) + 1, 7, height_ratios=[1.3] + [1] * len(srcs))
     ax = fig.add_subplot(gs[0, :])
     ax.plot([c["step"] for c in curve], [c["top1"] for c in curve], "o-", label=f"trained teacher ({max_train:,}-image memory bank)")
     ax.axhline(curve[0]["top1"], color="gray", ls="--", label="random init")
@@ -833,12 +836,13 @@ def run_report(out, data=None, images=None, n_images: int = 4, size: int = 224, 
     ax.set_title(f"{recipe.name}: k-NN top-1 {final['trained']:.1f}% trained vs {final['random']:.1f}% random init"
                  if final else f"{recipe.name}: k-NN top-1 over training", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    heads = ["photo", "similarity, trained", "similarity, random init", "PCA, trained", "PCA, random init"]
+    heads = ["photo", "similarity, trained", "similarity, random init", "CLS attention, trained", "CLS attention, random init",
+             "foreground PCA, trained", "foreground PCA, random init"]
     for i, (name, src) in enumerate(srcs):
-        (photo, s_t, p_t), (_, s_r, p_r) = map_panels(model, src, size), map_panels(rand, src, size)
-        for j, a in enumerate((photo, s_t, s_r, p_t, p_r)):
+        (photo, s_t, a_t, p_t), (_, s_r, a_r, p_r) = map_panels(model, src, size), map_panels(rand, src, size)
+        for j, a in enumerate((photo, s_t, s_r, a_t, a_r, p_t, p_r)):
             axi = fig.add_subplot(gs[i + 1, j]); axi.imshow(a); axi.set_xticks([]); axi.set_yticks([])
-            if i == 0: axi.set_title(heads[j], fontsize=9)
+            if i == 0: axi.set_title(heads[j], fontsize=8)
             if j == 0: axi.set_ylabel(name.split("/")[0], fontsize=8)
     path = Path(path or out/"report.png")
     fig.savefig(path, dpi=80); plt.close(fig)

@@ -164,7 +164,8 @@ def test_identical_frames_reproduce_first_mask(rand, seed):
 
 
 def test_input_size():
-    assert davis_input_size((480, 854), 16) == (320, 560)          # the default short side 320
+    assert davis_input_size((480, 854), 16) == (480, 848)          # the default short side 480 (DINO's read_frame)
+    assert davis_input_size((480, 854), 16, 320) == (320, 560)
     assert davis_input_size((480, 854), 16, 240) == (240, 416)
     assert davis_input_size((480, 854), 16, 64) == (64, 112)
     assert davis_input_size((480, 854), 14, 240) == (238, 420)
