@@ -1,16 +1,16 @@
 """The flagship recipe end to end, as a newcomer runs it: `dino-train` (the `tiny` recipe by default), timed from the
 command to its report, then the dense evaluations of the trained teacher against random initialisation.
 
-    .venv/bin/python benchmarks/tiny_flagship.py                       # train + evaluate (about 20 + 6 minutes)
+    .venv/bin/python benchmarks/tiny_flagship.py                       # train + evaluate (about 14 + 8 minutes)
     .venv/bin/python benchmarks/tiny_flagship.py --skip-train --out runs/tiny   # only the evaluations of a run
 
 Measured (each for the trained teacher and for the same architecture at random initialisation, seed 0):
 - weighted k-NN top-1 (k=20, T=0.07) on `imagenette2-128/val` at the recipe's `data.eval_size` (from `eval.json`,
   what `dino-train` writes) and at 64 px (the resolution of the older tiny results in LOG.md);
 - CamVid val mIoU of the linear probe on frozen patch tokens (`dense.seg_eval` defaults, chapter 13);
-- DAVIS J&F of label propagation on the shared sequences (`davis.davis_eval` defaults, chapter 15: a 320 px short side),
-  per sequence, beside the copy-the-first-mask baseline (the first frame's mask predicted for every frame), and again
-  at `--davis-compare` px (default 480: DINO's protocol, about 3x the time; chapter 15 has tiny_v1 / tiny_v2 at both).
+- DAVIS J&F of label propagation on the shared sequences (`davis.davis_eval` defaults, chapter 15: DINO's 480 px short
+  side), per sequence, beside the copy-the-first-mask baseline (the first frame's mask predicted for every frame), and
+  again at `--davis-compare` px (default 320: the project's default before 2026-12-03, about 1/3 of the time).
 Writes `<out>/flagship.json` and, with `--json`, a copy for the repository (data/runs/tiny_flagship.json).
 """
 import argparse, json, os, subprocess, sys, time
@@ -43,7 +43,7 @@ def main():
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="recipe overrides passed to dino-train")
     p.add_argument("--skip-train", action="store_true", help="only evaluate the run in --out")
     p.add_argument("--json", default=None, help="also write the result here (e.g. data/runs/tiny_flagship.json)")
-    p.add_argument("--davis-compare", type=int, default=480, help="also DAVIS J&F at this short side (0: skip)")
+    p.add_argument("--davis-compare", type=int, default=320, help="also DAVIS J&F at this short side (0: skip)")
     a = p.parse_args()
     out, res = Path(a.out), {"recipe": a.recipe, "overrides": a.set}
     if not a.skip_train:
@@ -77,7 +77,7 @@ def main():
                                          "random_init": dv["random_init"]["per_sequence"][s]["J&F"], "copy_first_mask": base[s]}
                                      for s in base}}
     print("DAVIS", json.dumps(res["davis"], indent=1), flush=True)
-    if a.davis_compare:      # the same propagation at another short side (480 px: DINO's eval_video_segmentation)
+    if a.davis_compare:      # the same propagation at another short side (320 px: a 20x35 grid for patch 16)
         dvc = {n: davis_eval(m, size=a.davis_compare) for n, m in (("trained", model), ("random_init", rand))}
         res[f"davis_{a.davis_compare}px"] = {"J&F": {n: round(d["J&F"], 4) for n, d in dvc.items()},
                                             "per_sequence": {s: {n: d["per_sequence"][s]["J&F"] for n, d in dvc.items()} for s in base}}

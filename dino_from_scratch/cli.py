@@ -22,7 +22,7 @@ from .distill import make_distill_trainer
 from .viz import run_report
 
 # %% auto #0
-__all__ = ['make_trainer', 'train_parser', 'main', 'eval_parser', 'eval_main']
+__all__ = ['make_trainer', 'train_parser', 'main', 'budget_epochs', 'fit_to_minutes', 'eval_parser', 'eval_main']
 
 # %% ../nbs/30_cli.ipynb #822d66db
 def make_trainer(recipe: Recipe, **kw) -> Trainer:
@@ -36,7 +36,7 @@ def make_trainer(recipe: Recipe, **kw) -> Trainer:
 # %% ../nbs/30_cli.ipynb #3ad4777b
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dino-train", description="Train a DINO recipe (any launcher: python, accelerate launch).",
-        epilog="examples:\n  dino-train                      # the flagship recipe `tiny`\n  dino-train --recipe tiny_v1\n  dino-train --recipe tiny_v1 --set optim.epochs=2 data.batch_size=32\n"
+        epilog="examples:\n  dino-train                      # the flagship recipe `tiny`\n  dino-train --minutes 8          # `tiny` with as many epochs as about 8 minutes afford here\n  dino-train --recipe tiny_v1\n  dino-train --recipe tiny_v1 --set optim.epochs=2 data.batch_size=32\n"
                "  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m dino_from_scratch.cli --recipe tiny_v1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="tiny", help=f"preset name ({', '.join(PRESETS)}) or a recipe .yaml file")
@@ -44,6 +44,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedules still follow the recipe's epochs)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time (a checkpoint is written)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="size the schedules to about this much training on this machine: time a few steps, then set optim.epochs")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run (deletes its checkpoints, metrics and recipe)")
     p.add_argument("--branch-from", default=None, metavar="RUN[:STEP]",
@@ -108,6 +110,12 @@ def _launch(n: int, argv: list) -> int:
 # %% ../nbs/30_cli.ipynb #00e2cd0b
 def _train(args, recipe):
     if args.branch_from: _branch(args); args.resume = True
+    if args.minutes is not None:
+        if args.resume: sys.exit("dino-train: error: --minutes sizes a new run; a resumed or branched run keeps its recipe's epochs")
+        if recipe.run.processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.exit("dino-train: error: --minutes times one process; for several, set optim.epochs")
+        try: recipe = fit_to_minutes(recipe, args.minutes)
+        except (FileNotFoundError, KeyError, ValueError) as e: sys.exit(f"dino-train: error: {e.args[0] if e.args else e}")
     try: tr = make_trainer(recipe, out=args.out, resume=args.resume)
     except (FileNotFoundError, KeyError, ValueError) as e: sys.exit(f"dino-train: error: {e.args[0] if e.args else e}")
     try: tr.fit(max_steps=args.max_steps, max_minutes=args.max_minutes)
@@ -129,8 +137,33 @@ def _report(out, recipe, res):
     "The one-page report (chapter 16) after the evaluation; a failure to draw it is reported, never fatal."
     try:
         path = run_report(out, recipe.data.path, final={"trained": res["knn"]["top1"], "random": res["knn_random_init"]["top1"]})
-        print(f"[eval] report: {path} (k-NN over training, similarity and PCA maps: trained vs random init)")
+        print(f"[eval] report: {path} (k-NN over training; similarity, CLS-attention and foreground-PCA maps: trained vs random init)")
     except (ValueError, FileNotFoundError, OSError) as e: print(f"[eval] report skipped: {e}")
+
+# %% ../nbs/30_cli.ipynb #7d3e9a11
+def budget_epochs(minutes: float, img_per_s: float, images_per_epoch: int) -> int:
+    "Whole epochs that `minutes` of training at `img_per_s` afford (at least 1)."
+    if minutes <= 0 or img_per_s <= 0 or images_per_epoch <= 0:
+        raise ValueError(f"--minutes needs positive minutes, rate and epoch size, got {minutes}, {img_per_s}, {images_per_epoch}")
+    return max(1, int(60 * minutes * img_per_s // images_per_epoch))
+
+def fit_to_minutes(recipe: Recipe, minutes: float, probe_steps: int = 40, verbose: bool = True) -> Recipe:
+    """`recipe` with `optim.epochs` sized to about `minutes` of training here: times `probe_steps` steps of the same
+    trainer in a scratch directory (rate: median of the logged windows after the first)."""
+    import statistics, tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = make_trainer(override(recipe, ["run.log_every=10", f"run.ckpt_every={10 * probe_steps}"]), out=Path(tmp)/"probe", verbose=False)
+        hist = tr.fit(max_steps=probe_steps, progress=False)
+        per_epoch, batch = tr.batches.per_epoch, recipe.data.batch_size * tr.acc.num_processes
+        del tr
+    rates = [h["img_per_s"] for h in hist[1:]] or [h["img_per_s"] for h in hist]
+    if not rates: raise ValueError(f"the {probe_steps}-step probe logged no rate (every batch unreadable?)")
+    ips = statistics.median(rates)
+    epochs = budget_epochs(minutes, ips, per_epoch * batch)
+    if verbose:
+        print(f"[train] --minutes {minutes:g}: {ips:.1f} images/s over a {probe_steps}-step probe -> optim.epochs={epochs} "
+              f"({epochs * per_epoch:,} steps, about {epochs * per_epoch * batch / ips / 60:.1f} min; the recipe had {recipe.optim.epochs})")
+    return override(recipe, [f"optim.epochs={epochs}"])
 
 # %% ../nbs/30_cli.ipynb #5c519b17
 def eval_parser() -> argparse.ArgumentParser:
