@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_cli.ipynb #5440f1ff
 from __future__ import annotations
-import argparse, json, os, signal, socket, subprocess, sys, time
+import argparse, json, os, signal, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -150,7 +150,6 @@ def budget_epochs(minutes: float, img_per_s: float, images_per_epoch: int) -> in
 def fit_to_minutes(recipe: Recipe, minutes: float, probe_steps: int = 40, verbose: bool = True) -> Recipe:
     """`recipe` with `optim.epochs` sized to about `minutes` of training here: times `probe_steps` steps of the same
     trainer in a scratch directory (rate: median of the logged windows after the first)."""
-    import statistics, tempfile
     with tempfile.TemporaryDirectory() as tmp:
         tr = make_trainer(override(recipe, ["run.log_every=10", f"run.ckpt_every={10 * probe_steps}"]), out=Path(tmp)/"probe", verbose=False)
         hist = tr.fit(max_steps=probe_steps, progress=False)

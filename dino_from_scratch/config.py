@@ -313,8 +313,8 @@ def tiny() -> Recipe:
     """The flagship, what `dino-train` trains by default: `tiny_v2`'s objective (DINOv2's, the best measured at this
     scale: chapter 12) on the batched pipeline (chapter 00: images decoded once, crops augmented on tensors in one
     loader worker) with CPU bf16 autocast where it pays (`run.mixed_precision=auto`, chapters 00 and 01), for 20
-    epochs: about 9 minutes on the 2-core CPU of 2026-12-03 (fourth session), so that the README's first command,
-    set-up and report included, ends well within 20 minutes. 20 epochs reached 43.95 / 44.4% k-NN (seeds 0 / 1),
+    epochs: 11 min 06 s of training on the 2-core CPU of 2026-12-03 (fourth session), 14.5 minutes for the README's
+    first command with set-up, evaluation and report (`dino-train --minutes M` resizes it for another machine). 20 epochs reached 43.95 / 44.4% k-NN (seeds 0 / 1),
     10 epochs 41.35, a 192-wide ViT at the same cost (14 epochs) 43.1 (LOG.md, 2026-12-03, fourth session).
     Evaluated at 128 px, an 8x8 patch grid (twice the training crops; chapter 14 interpolates the position table).
     Batch 32 in one process: two processes of 32 train 1.34x faster but, at the same wall clock, reached 42.2% k-NN
